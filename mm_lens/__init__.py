@@ -1,0 +1,16 @@
+"""mm_lens: multimodal LLMs as first-class citizens of TransformerLens."""
+
+from mm_lens.architectures import ARCHITECTURES, UnsupportedArchitectureError
+from mm_lens.inputs import MultimodalBatch
+from mm_lens.modality import MODALITIES, ImageLayout, ModalityMap
+from mm_lens.model import HookedMLLM
+
+__all__ = [
+    "ARCHITECTURES",
+    "HookedMLLM",
+    "ImageLayout",
+    "MODALITIES",
+    "ModalityMap",
+    "MultimodalBatch",
+    "UnsupportedArchitectureError",
+]

@@ -1,0 +1,48 @@
+"""Bridge components that expose the neurons both papers study as TransformerLens hooks.
+
+TransformerLens' bridge has no hook on ``act_fn(gate_proj(x))`` in a gated MLP (its
+``mlp.hook_post`` is ``act_fn(gate) * up``) nor on the projector's hidden activation. These
+subclasses wrap the HF activation modules as bridge components, which gives:
+
+- ``blocks.{l}.mlp.hook_act``: ``act_fn(gate_proj(x))``, ``[batch, pos, d_mlp]``;
+- ``vision_projector.hook_hidden``: ``act(linear_1(x))``, ``[images, tokens, d_proj]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformer_lens.model_bridge.generalized_components import GatedMLPBridge, VisionProjectionBridge
+from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+
+class NeuronGatedMLPBridge(GatedMLPBridge):
+    """Gated MLP whose activation function is a hooked component (``hook_act``)."""
+
+    hook_aliases = {**GatedMLPBridge.hook_aliases, "hook_act": "act_fn.hook_out"}
+
+    def __init__(self, name: str, config: Any, submodules: dict[str, GeneralizedComponent]):
+        super().__init__(name, config, submodules={**submodules, "act_fn": GeneralizedComponent(name="act_fn")})
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """HF path as in TransformerLens; the compatibility-mode path (processed weights) is
+        recomputed here so that the activation still runs through ``hook_act``."""
+        if not getattr(self, "_use_processed_weights", False):
+            return super().forward(*args, **kwargs)
+        hidden = self.hook_in(args[0])
+        gate = self.gate.hook_out(torch.nn.functional.linear(hidden, self.gate.weight, self.gate.bias))
+        up_proj = getattr(self, "in")
+        up = up_proj.hook_out(torch.nn.functional.linear(hidden, up_proj.weight, up_proj.bias))
+        inner = self.out.hook_in(self.act_fn(gate) * up)
+        out = self.out.hook_out(torch.nn.functional.linear(inner, self.out.weight, self.out.bias))
+        return self.hook_out(out)
+
+
+class NeuronProjectorBridge(VisionProjectionBridge):
+    """Two-layer projector whose hidden activation is a hooked component (``hook_hidden``)."""
+
+    hook_aliases = {**VisionProjectionBridge.hook_aliases, "hook_hidden": "act.hook_out"}
+
+    def __init__(self, name: str, activation: str = "act"):
+        super().__init__(name, submodules={"act": GeneralizedComponent(name=activation)})

@@ -1,0 +1,201 @@
+"""Which position of a batch is text, image (which image, tile, patch), special or padding.
+
+A ``ModalityMap`` is built from the token ids of a batch and, for every image, an
+``ImageLayout`` that says where each of that image's feature tokens comes from, in the order
+the HF model writes them into the sequence. All per-position fields are ``[batch, pos]``
+tensors; ``-1`` marks "not applicable".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+MODALITIES: tuple[str, ...] = ("text", "image", "special", "padding", "video", "audio")
+
+
+def modality_code(name: str) -> int:
+    """Integer code of a modality name, as stored in ``ModalityMap.modality``."""
+    if name not in MODALITIES:
+        raise ValueError(f"unknown modality {name!r}; expected one of {', '.join(MODALITIES)}")
+    return MODALITIES.index(name)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Origin of each feature token of one image, in the order HF inserts them.
+
+    ``tile``: 0 for the base view, k >= 1 for high-resolution tile k (anyres), -1 for an
+    image-newline token. ``row``/``col``: cell of the view's patch grid (view 0 = base grid,
+    view 1 = unpadded high-resolution grid); -1 for a CLS feature or a newline column.
+    ``feature``: index into this image's projector output flattened over (tile, patch);
+    -1 for a newline. ``grids``: (rows, cols) of each view.
+    """
+
+    tile: Int[Tensor, "token"]
+    row: Int[Tensor, "token"]
+    col: Int[Tensor, "token"]
+    feature: Int[Tensor, "token"]
+    newline: Bool[Tensor, "token"]
+    grids: tuple[tuple[int, int], ...]
+    n_features: int
+
+    def __len__(self) -> int:
+        return int(self.tile.shape[0])
+
+
+@dataclass(frozen=True)
+class ModalityMap:
+    """Per-position modality and image coordinates of one batch.
+
+    ``feature`` is the row of the projector output (``vision_projector.hook_out`` flattened
+    over its two leading axes) that HF placed at the position. ``image_row[i]`` is the batch
+    row holding image ``i``; ``grids[i]`` its views' (rows, cols).
+    """
+
+    modality: Int[Tensor, "batch pos"]
+    image: Int[Tensor, "batch pos"]
+    tile: Int[Tensor, "batch pos"]
+    row: Int[Tensor, "batch pos"]
+    col: Int[Tensor, "batch pos"]
+    feature: Int[Tensor, "batch pos"]
+    newline: Bool[Tensor, "batch pos"]
+    last: Int[Tensor, "batch"]
+    image_row: Int[Tensor, "image"]
+    grids: tuple[tuple[tuple[int, int], ...], ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.modality.shape)  # type: ignore[return-value]
+
+    @property
+    def n_images(self) -> int:
+        return int(self.image_row.shape[0])
+
+    def mask(self, *modalities: str) -> Bool[Tensor, "batch pos"]:
+        """Positions whose modality is any of ``modalities`` (``mask("image", "text")``)."""
+        if not modalities:
+            raise ValueError("name at least one modality, e.g. mask('image')")
+        codes = torch.tensor([modality_code(m) for m in modalities])
+        return torch.isin(self.modality, codes)
+
+    def last_mask(self) -> Bool[Tensor, "batch pos"]:
+        """The last non-padding position of every row."""
+        mask = torch.zeros(self.shape, dtype=torch.bool)
+        mask[torch.arange(self.shape[0]), self.last] = True
+        return mask
+
+    def image_positions(self, image: int) -> tuple[int, Int[Tensor, "token"]]:
+        """Batch row and positions (in feature order) of image ``image``."""
+        if not 0 <= image < self.n_images:
+            raise IndexError(f"image {image} out of range: the batch holds {self.n_images} images")
+        row = int(self.image_row[image])
+        return row, torch.nonzero(self.image[row] == image).flatten()
+
+    def to_grid(
+        self, values: Float[Tensor, "batch pos"], image: int, view: int = 0
+    ) -> Float[Tensor, "rows cols"]:
+        """Place per-position ``values`` of one image on its patch grid (NaN where no token).
+
+        ``view`` 0 is the base view; 1 the high-resolution grid of an anyres image.
+        """
+        if values.shape != self.modality.shape:
+            raise ValueError(
+                f"values have shape {tuple(values.shape)} but the batch is {self.shape}; "
+                "pass one value per position"
+            )
+        grids = self.grids[image]
+        if not 0 <= view < len(grids):
+            raise ValueError(f"image {image} has {len(grids)} view(s); view {view} does not exist")
+        row, positions = self.image_positions(image)
+        tiles = self.tile[row, positions]
+        in_view = (tiles == 0) if view == 0 else (tiles >= 1)
+        keep = positions[in_view & (self.row[row, positions] >= 0) & (self.col[row, positions] >= 0)]
+        grid = torch.full(grids[view], float("nan"), dtype=torch.float32)
+        grid[self.row[row, keep], self.col[row, keep]] = values[row, keep].float()
+        return grid
+
+    def summary(self) -> str:
+        """One line per batch row: counts of each modality and the last position."""
+        lines = []
+        for b in range(self.shape[0]):
+            counts = ", ".join(
+                f"{name}={int((self.modality[b] == code).sum())}"
+                for code, name in enumerate(MODALITIES)
+                if (self.modality[b] == code).any()
+            )
+            images = sorted(int(i) for i in self.image[b].unique() if i >= 0)
+            lines.append(f"row {b}: {counts}; images {images}; last={int(self.last[b])}")
+        return "\n".join(lines)
+
+
+def build_modality_map(
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None,
+    image_token_id: int,
+    special_token_ids: Sequence[int],
+    layouts: Sequence[ImageLayout],
+) -> ModalityMap:
+    """Assign image tokens to images in the order HF scatters features (row-major over the
+    batch), and every other position to text, special or padding.
+
+    Raises ``ValueError`` when the number of image tokens does not match the layouts, or an
+    image's tokens would span two rows.
+    """
+    input_ids = input_ids.cpu()
+    batch, pos = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.cpu()
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+            f"{tuple(input_ids.shape)}; they must match"
+        )
+    is_image = input_ids == image_token_id
+    n_tokens, n_expected = int(is_image.sum()), sum(len(layout) for layout in layouts)
+    if n_tokens != n_expected:
+        raise ValueError(
+            f"input_ids hold {n_tokens} image tokens but the {len(layouts)} image(s) give "
+            f"{n_expected} features ({[len(layout) for layout in layouts]} per image); build "
+            "the prompt with the model's processor so each image token is expanded to its features"
+        )
+
+    modality = torch.full((batch, pos), modality_code("text"), dtype=torch.int8)
+    special = torch.isin(input_ids, torch.tensor(list(special_token_ids), dtype=input_ids.dtype))
+    modality[special] = modality_code("special")
+    modality[is_image] = modality_code("image")
+    modality[attention_mask == 0] = modality_code("padding")
+
+    fields = {name: torch.full((batch, pos), -1, dtype=torch.long) for name in ("image", "tile", "row", "col", "feature")}
+    newline = torch.zeros((batch, pos), dtype=torch.bool)
+    rows, cols = torch.nonzero(is_image, as_tuple=True)  # row-major, as HF's masked_scatter
+    image_row, start, feature_offset = [], 0, 0
+    for index, layout in enumerate(layouts):
+        r, c = rows[start : start + len(layout)], cols[start : start + len(layout)]
+        if len(layout) and not bool((r == r[0]).all()):
+            raise ValueError(f"the tokens of image {index} span several batch rows; one image per run of image tokens")
+        fields["image"][r, c] = index
+        fields["tile"][r, c] = layout.tile
+        fields["row"][r, c] = layout.row
+        fields["col"][r, c] = layout.col
+        fields["feature"][r, c] = torch.where(layout.feature >= 0, layout.feature + feature_offset, -1)
+        newline[r, c] = layout.newline
+        image_row.append(int(r[0]) if len(layout) else -1)
+        start += len(layout)
+        feature_offset += layout.n_features
+
+    positions = torch.arange(pos).expand(batch, pos)
+    last = torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
+    return ModalityMap(
+        modality=modality,
+        newline=newline,
+        last=last,
+        image_row=torch.tensor(image_row, dtype=torch.long),
+        grids=tuple(layout.grids for layout in layouts),
+        **fields,
+    )

@@ -1,0 +1,260 @@
+"""``HookedMLLM``: a multimodal HF model on TransformerLens' ``TransformerBridge``.
+
+Calls take the HF model's own keyword inputs (``input_ids``, ``attention_mask``,
+``pixel_values``, ``image_sizes``, ...) or a ``MultimodalBatch``; every TL tool
+(``run_with_hooks``, ``run_with_cache``, ``hooks()``, hook names, ``ActivationCache``) works
+on image tokens as on text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator, Mapping, Sequence
+from unittest import mock
+
+import torch
+from transformer_lens import ActivationCache
+from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.sources.transformers import helpers as tl_loader_helpers
+from transformers import AutoConfig, AutoProcessor
+
+from mm_lens.architectures import ArchitectureSpec, spec_for
+from mm_lens.inputs import ImagesPerPrompt, MultimodalBatch, encode
+from mm_lens.modality import ModalityMap, build_modality_map
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+
+
+@contextlib.contextmanager
+def _booting_with(spec: ArchitectureSpec) -> Iterator[None]:
+    """Select mm_lens' adapter for this boot only, and never let TL install packages."""
+    adapters = ArchitectureAdapterFactory._adapters
+    previous = adapters.get(spec.hf_class)
+    adapters[spec.hf_class] = spec.adapter
+    try:
+        with mock.patch.object(tl_loader_helpers, "_ensure_torchvision", lambda: False):
+            yield
+    finally:
+        if previous is None:
+            adapters.pop(spec.hf_class, None)
+        else:
+            adapters[spec.hf_class] = previous
+
+
+def _load_processor(name_or_path: str | os.PathLike) -> Any:
+    try:
+        return AutoProcessor.from_pretrained(name_or_path)
+    except Exception as error:  # the HF error names the missing piece; we say what to do
+        raise ValueError(
+            f"could not load a processor from {name_or_path!s} ({type(error).__name__}: {error}); "
+            "save the processor (tokenizer and image processor) into the model folder or pass processor="
+        ) from error
+
+
+class HookedMLLM(torch.nn.Module):
+    """A multimodal LLM whose image tokens flow through TransformerLens hook points.
+
+    Attributes: ``bridge`` (the ``TransformerBridge``), ``processor`` (the HF processor),
+    ``spec`` (what mm_lens knows of the architecture). Other attributes (``cfg``,
+    ``blocks``, ``W_U``, ``to_str_tokens``, ...) are the bridge's.
+    """
+
+    def __init__(self, bridge: TransformerBridge, processor: Any, spec: ArchitectureSpec):
+        super().__init__()
+        self.bridge = bridge
+        self.processor = processor
+        self.spec = spec
+
+    # ---- loading -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        hf_model: torch.nn.Module | None = None,
+        processor: Any | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        compatibility_mode: bool = False,
+    ) -> "HookedMLLM":
+        """Load from a local folder (or a hub name when online), or wrap ``hf_model``.
+
+        The architecture is checked before anything heavy is loaded. ``hf_model`` is used
+        as is (TransformerLens rewires its modules in place); its folder still provides the
+        tokenizer and processor unless ``processor`` is given. ``compatibility_mode`` turns
+        on TL's weight processing (HookedTransformer numerics; see docs/hooks.md).
+        """
+        config = hf_model.config if hf_model is not None else AutoConfig.from_pretrained(name_or_path)
+        spec = spec_for(config)
+        processor = processor if processor is not None else _load_processor(name_or_path)
+        if dtype is None:
+            dtype = next(hf_model.parameters()).dtype if hf_model is not None else torch.float32
+        if hf_model is not None and device is not None:
+            hf_model = hf_model.to(device)
+        with _booting_with(spec):
+            bridge = TransformerBridge.boot_transformers(
+                str(name_or_path),
+                hf_model=hf_model,
+                device=device if hf_model is None else None,
+                dtype=dtype,
+                tokenizer=processor.tokenizer,
+            )
+        bridge.processor = processor
+        if compatibility_mode:
+            bridge.enable_compatibility_mode(disable_warnings=True)
+        return cls(bridge, processor, spec)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["bridge"], name)
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The wrapped HF model (its modules replaced by bridge components)."""
+        return self.bridge.original_model
+
+    @property
+    def neuron_hooks(self) -> dict[str, list[str]]:
+        """Neuron module name -> its hook names, one per layer (``lm_mlp``, ``vision_mlp``, ``projector``)."""
+        names = self.bridge.hook_dict
+        modules = {}
+        for module, template in self.spec.neuron_hooks.items():
+            if "{layer}" not in template:
+                modules[module] = [template]
+                continue
+            hooks, layer = [], 0
+            while template.format(layer=layer) in names:
+                hooks.append(template.format(layer=layer))
+                layer += 1
+            modules[module] = hooks
+        return modules
+
+    # ---- inputs --------------------------------------------------------------------
+    def prepare_inputs(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[ImagesPerPrompt] | None = None,
+        *,
+        chat: bool = True,
+        padding_side: str = "left",
+    ) -> MultimodalBatch:
+        """Build a batch with the model's processor: ``images[i]`` (an image, a list, or
+        None) goes with ``prompts[i]``. With ``chat=True`` the chat template places the
+        images; with ``chat=False`` each prompt carries its own image tokens."""
+        inputs = encode(self.processor, prompts, images, chat=chat, padding_side=padding_side)
+        inputs = {k: v.to(self.cfg.device) for k, v in inputs.items()}
+        return MultimodalBatch(inputs, self.modality_map(inputs))
+
+    def modality_map(self, inputs: Mapping[str, Any]) -> ModalityMap:
+        """The ``ModalityMap`` of a batch of HF inputs (checks them on the way)."""
+        inputs = self._check_inputs(inputs)
+        tokenizer = self.processor.tokenizer
+        image_token_id = self.hf_model.config.image_token_id
+        special = [i for i in tokenizer.all_special_ids if i != image_token_id]
+        layouts = self.spec.image_layouts(self.hf_model.config, inputs)
+        return build_modality_map(inputs["input_ids"], inputs.get("attention_mask"), image_token_id, special, layouts)
+
+    def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        if isinstance(inputs, MultimodalBatch):
+            inputs = inputs.inputs
+        inputs = dict(inputs)
+        input_ids = inputs.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            raise ValueError("input_ids must be a [batch, pos] tensor; build inputs with model.prepare_inputs")
+        n_image_tokens = int((input_ids == self.hf_model.config.image_token_id).sum())
+        pixel_values = inputs.get("pixel_values")
+        if n_image_tokens and pixel_values is None:
+            raise ValueError(
+                f"input_ids hold {n_image_tokens} image tokens but no pixel_values were given; "
+                "pass the images' pixel_values (model.prepare_inputs does both)"
+            )
+        if pixel_values is not None and not n_image_tokens:
+            raise ValueError(
+                "pixel_values were given but input_ids hold no image token; put the image token in the "
+                "prompt (model.prepare_inputs does it through the chat template)"
+            )
+        batch = input_ids.shape[0]
+        mask = inputs.get("attention_mask")
+        if mask is not None and tuple(mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
+                "they must match (same batch size and length)"
+            )
+        sizes = inputs.get("image_sizes")
+        if sizes is not None and pixel_values is not None and len(sizes) != len(pixel_values):
+            raise ValueError(
+                f"image_sizes describe {len(sizes)} images but pixel_values hold {len(pixel_values)}; "
+                "pass one size per image"
+            )
+        if batch == 0:
+            raise ValueError("the batch is empty")
+        return inputs
+
+    def _split(self, batch: Mapping[str, Any] | None, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Validated (input_ids, other HF kwargs) from a batch and/or keyword inputs."""
+        if batch is not None:
+            if isinstance(batch, torch.Tensor):
+                inputs = {"input_ids": batch, **inputs}
+            else:
+                inputs = {**dict(batch.items()), **inputs}
+        model_inputs = {k: v for k, v in inputs.items() if k in _MODEL_INPUTS}
+        self.modality_map(model_inputs)  # validates counts and layouts
+        rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+        return inputs["input_ids"], rest
+
+    # ---- running -------------------------------------------------------------------
+    def forward(self, batch: Mapping[str, Any] | torch.Tensor | None = None, /, return_type: str | None = "logits", **inputs: Any) -> Any:
+        """Logits ``[batch, pos, d_vocab]`` (or ``return_type`` as in TL) for HF inputs."""
+        input_ids, rest = self._split(batch, inputs)
+        return self.bridge(input_ids, return_type=return_type, **rest)
+
+    def run_with_hooks(
+        self,
+        batch: Mapping[str, Any] | torch.Tensor | None = None,
+        /,
+        fwd_hooks: Sequence[tuple[str | Callable[[str], bool], Callable]] = (),
+        bwd_hooks: Sequence[tuple[str | Callable[[str], bool], Callable]] = (),
+        return_type: str | None = "logits",
+        reset_hooks_end: bool = True,
+        **inputs: Any,
+    ) -> Any:
+        """``TransformerBridge.run_with_hooks`` on multimodal inputs."""
+        input_ids, rest = self._split(batch, inputs)
+        return self.bridge.run_with_hooks(
+            input_ids,
+            fwd_hooks=list(fwd_hooks),
+            bwd_hooks=list(bwd_hooks),
+            return_type=return_type,
+            reset_hooks_end=reset_hooks_end,
+            **rest,
+        )
+
+    def run_with_cache(
+        self,
+        batch: Mapping[str, Any] | torch.Tensor | None = None,
+        /,
+        names_filter: str | Sequence[str] | Callable[[str], bool] | None = None,
+        return_type: str | None = "logits",
+        **inputs: Any,
+    ) -> tuple[Any, ActivationCache]:
+        """``TransformerBridge.run_with_cache`` on multimodal inputs (``names_filter`` as in TL)."""
+        input_ids, rest = self._split(batch, inputs)
+        return self.bridge.run_with_cache(input_ids, names_filter=names_filter, return_type=return_type, **rest)
+
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
+        """Context manager adding hooks for the calls made inside it (TL's ``hooks()``)."""
+        return self.bridge.hooks(
+            fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks), reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts
+        )
+
+    @property
+    def hook_dict(self):
+        return self.bridge.hook_dict
+
+    def __repr__(self) -> str:
+        return f"HookedMLLM({self.spec.hf_class}, layers={self.cfg.n_layers}, d_model={self.cfg.d_model})"
+
