@@ -31,9 +31,9 @@ class NeuronGatedMLPBridge(GatedMLPBridge):
         if not getattr(self, "_use_processed_weights", False):
             return super().forward(*args, **kwargs)
         hidden = self.hook_in(args[0])
-        gate = self.gate.hook_out(torch.nn.functional.linear(hidden, self.gate.weight, self.gate.bias))
         up_proj = getattr(self, "in")
-        up = up_proj.hook_out(torch.nn.functional.linear(hidden, up_proj.weight, up_proj.bias))
+        gate = self.gate.hook_out(torch.nn.functional.linear(self.gate.hook_in(hidden), self.gate.weight, self.gate.bias))
+        up = up_proj.hook_out(torch.nn.functional.linear(up_proj.hook_in(hidden), up_proj.weight, up_proj.bias))
         inner = self.out.hook_in(self.act_fn(gate) * up)
         out = self.out.hook_out(torch.nn.functional.linear(inner, self.out.weight, self.out.bias))
         return self.hook_out(out)

@@ -44,13 +44,16 @@ def _booting_with(spec: ArchitectureSpec) -> Iterator[None]:
 
 
 def _load_processor(name_or_path: str | os.PathLike) -> Any:
+    advice = "save the processor (tokenizer and image processor) into the model folder or pass processor="
     try:
-        return AutoProcessor.from_pretrained(name_or_path)
+        processor = AutoProcessor.from_pretrained(name_or_path)
     except Exception as error:  # the HF error names the missing piece; we say what to do
         raise ValueError(
-            f"could not load a processor from {name_or_path!s} ({type(error).__name__}: {error}); "
-            "save the processor (tokenizer and image processor) into the model folder or pass processor="
+            f"could not load a processor from {name_or_path!s} ({type(error).__name__}: {error}); {advice}"
         ) from error
+    if not hasattr(processor, "image_processor"):
+        raise ValueError(f"could not load a processor from {name_or_path!s}: found only a {type(processor).__name__}; {advice}")
+    return processor
 
 
 class HookedMLLM(torch.nn.Module):

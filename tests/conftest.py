@@ -1,0 +1,63 @@
+"""Session fixtures: tiny random LLaVA-1.5 and LLaVA-NeXT models saved offline, and images."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+from mm_lens import HookedMLLM
+from mm_lens.tiny import TINY_BUILDERS
+
+ARCHS = ("llava", "llava_next")
+
+
+def random_image(height: int, width: int, seed: int) -> Image.Image:
+    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="session")
+def model_folders(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: str(build(root / arch)) for arch, build in TINY_BUILDERS.items()}
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def models(model_folders) -> dict[str, HookedMLLM]:
+    return {arch: HookedMLLM.from_pretrained(folder) for arch, folder in model_folders.items()}
+
+
+@pytest.fixture(scope="session")
+def model(models, arch) -> HookedMLLM:
+    return models[arch]
+
+
+@pytest.fixture(scope="session")
+def hf_reference(model_folders, arch):
+    """An untouched HF model of the same folder (the bridge rewires its own copy)."""
+    return AutoModelForImageTextToText.from_pretrained(model_folders[arch], attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def images() -> list[Image.Image]:
+    """Images of different sizes and aspect ratios (anyres picks different tilings)."""
+    return [random_image(30, 50, 0), random_image(60, 20, 1), random_image(40, 40, 2)]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
