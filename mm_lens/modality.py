@@ -33,7 +33,8 @@ class ImageLayout:
     image-newline token. ``row``/``col``: cell of the view's patch grid (view 0 = base grid,
     view 1 = unpadded high-resolution grid); -1 for a CLS feature or a newline column.
     ``feature``: index into this image's projector output flattened over (tile, patch);
-    -1 for a newline. ``grids``: (rows, cols) of each view.
+    -1 for a newline. ``grids``: (rows, cols) of each view. ``n_tiles``: crops the vision
+    tower encodes for this image (1, or 1 + high-resolution tiles for anyres).
     """
 
     tile: Int[Tensor, "token"]
@@ -43,6 +44,7 @@ class ImageLayout:
     newline: Bool[Tensor, "token"]
     grids: tuple[tuple[int, int], ...]
     n_features: int
+    n_tiles: int = 1
 
     def __len__(self) -> int:
         return int(self.tile.shape[0])
@@ -54,7 +56,9 @@ class ModalityMap:
 
     ``feature`` is the row of the projector output (``vision_projector.hook_out`` flattened
     over its two leading axes) that HF placed at the position. ``image_row[i]`` is the batch
-    row holding image ``i``; ``grids[i]`` its views' (rows, cols).
+    row holding image ``i``; ``image_tiles[i]`` the number of vision-tower crops it takes
+    (the leading axis of vision and projector hooks is these crops, image after image);
+    ``grids[i]`` its views' (rows, cols).
     """
 
     modality: Int[Tensor, "batch pos"]
@@ -66,6 +70,7 @@ class ModalityMap:
     newline: Bool[Tensor, "batch pos"]
     last: Int[Tensor, "batch"]
     image_row: Int[Tensor, "image"]
+    image_tiles: Int[Tensor, "image"]
     grids: tuple[tuple[tuple[int, int], ...], ...]
 
     @property
@@ -75,6 +80,10 @@ class ModalityMap:
     @property
     def n_images(self) -> int:
         return int(self.image_row.shape[0])
+
+    def tile_rows(self) -> Int[Tensor, "tile"]:
+        """Batch row of every vision-tower crop, in the order the vision hooks see them."""
+        return torch.repeat_interleave(self.image_row, self.image_tiles)
 
     def mask(self, *modalities: str) -> Bool[Tensor, "batch pos"]:
         """Positions whose modality is any of ``modalities`` (``mask("image", "text")``)."""
@@ -196,6 +205,7 @@ def build_modality_map(
         newline=newline,
         last=last,
         image_row=torch.tensor(image_row, dtype=torch.long),
+        image_tiles=torch.tensor([layout.n_tiles for layout in layouts], dtype=torch.long),
         grids=tuple(layout.grids for layout in layouts),
         **fields,
     )

@@ -24,6 +24,32 @@ def random_image(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+DOMAINS = ("noise", "plain", "stripes")
+
+
+def _picture(domain: str, seed: int):
+    image = random_image(40, 60, seed)
+    if domain == "plain":
+        image.paste((200, 30 + seed, 30), (0, 0, 60, 40))
+    elif domain == "stripes":
+        for y in range(0, 40, 8):
+            image.paste((255, 255, 255), (0, y, 60, y + 3))
+    return image
+
+
+def make_samples(n: int = 10) -> list[dict]:
+    """Samples of three domains; every fourth has no image (text-only rows)."""
+    questions = ["what is the color", "how many are there", "describe the picture", "is there a car"]
+    return [
+        {
+            "question": questions[i % 4],
+            "image": None if i % 4 == 3 else _picture(DOMAINS[i % 3], i),
+            "domain": DOMAINS[i % 3],
+        }
+        for i in range(n)
+    ]
+
+
 @pytest.fixture(scope="session")
 def model_folders(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny_models")

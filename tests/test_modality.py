@@ -126,3 +126,15 @@ def test_build_assigns_codes_and_offsets_features():
     assert mm.modality[0].tolist() == [modality_code(m) for m in ("padding", "special", "image", "image", "text")]
     assert mm.feature[1].tolist() == [-1, 2, 3, -1, -1]
     assert mm.last.tolist() == [4, 4]
+
+
+def test_tile_rows_follow_vision_hook_leading_axis(model, images):
+    batch = model.prepare_inputs(["how many", "what"], [[images[0], images[1]], images[2]])
+    mm = batch.modality_map
+    _, cache = model.run_with_cache(batch, names_filter="vision_projector.hook_out")
+    tiles = cache["vision_projector.hook_out"].shape[0]
+    assert mm.tile_rows().shape[0] == tiles
+    expected_first = torch.repeat_interleave(torch.tensor([0, 0, 1]), mm.image_tiles)
+    assert torch.equal(mm.tile_rows(), expected_first)
+    features_per_tile = cache["vision_projector.hook_out"].shape[1]
+    assert int(mm.feature.max()) < tiles * features_per_tile

@@ -122,6 +122,7 @@ def _anyres_layout(config: Any, image_size: tuple[int, int]) -> ImageLayout:
         newline=torch.cat([base.newline, newline]),
         grids=((side, side), (rows_kept, cols_kept)),
         n_features=(1 + tiles_h * tiles_w) * side * side,
+        n_tiles=1 + tiles_h * tiles_w,
     )
 
 
