@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from einops import rearrange
@@ -172,7 +172,17 @@ class NeuronStatsCollector:
             self.stats.modules[module] = ModuleStats.empty(len(hooks), len(domains), len(classes), self._widths[module])
 
     def update(self, batch: Any, domains: Sequence[str]) -> None:
-        """Run ``batch`` (a ``MultimodalBatch``) once and add its activations."""
+        """Run ``batch`` (a ``MultimodalBatch``) once and add its activations; they are
+        reduced inside the hooks and never stored."""
+        with torch.no_grad():
+            self.model.run_with_hooks(batch, fwd_hooks=self._reducers(batch, domains), return_type=None)
+
+    def add_cache(self, cache: Mapping[str, Tensor], batch: Any, domains: Sequence[str]) -> None:
+        """Add activations already cached for ``batch`` (e.g. by ``run_with_cache``)."""
+        for name, reduce_into_stats in self._reducers(batch, domains):
+            reduce_into_stats(cache[name], None)
+
+    def _reducers(self, batch: Any, domains: Sequence[str]) -> list[tuple[str, Callable]]:
         mm: ModalityMap = batch.modality_map
         if len(domains) != mm.shape[0]:
             raise ValueError(f"{len(domains)} domain labels for a batch of {mm.shape[0]} rows; pass one label per row")
@@ -180,33 +190,30 @@ class NeuronStatsCollector:
         if unknown:
             raise ValueError(f"domain labels {unknown} are not among the collector's domains {list(self.stats.domains)}")
         domain_of_row = torch.tensor([self.stats.domains.index(d) for d in domains])
-        groups = _position_groups(mm, domain_of_row, self.stats.classes)
-        fwd_hooks = [
-            (name, self._reducer(module, layer, groups, on_sequence=name.startswith("blocks.")))
+        segments = _segments(mm, domain_of_row, self.stats.classes)
+        return [
+            (name, self._reducer(module, layer, segments, on_sequence=name.startswith("blocks.")))
             for module, hooks in self.hooks.items()
             for layer, name in enumerate(hooks)
         ]
-        with torch.no_grad():
-            self.model.run_with_hooks(batch, fwd_hooks=fwd_hooks, return_type=None)
 
-    def _reducer(self, module: str, layer: int, groups: "_Groups", on_sequence: bool) -> Callable:
+    def _reducer(self, module: str, layer: int, segments: "_Segments", on_sequence: bool) -> Callable:
         stats = self.stats.modules[module]
-        n_groups = len(self.stats.domains) * len(self.stats.classes)
-
-        def flat(t: Tensor) -> Tensor:
-            """This layer's ``[domain*cls, neuron]`` view of a statistic."""
-            return t[layer].view(n_groups, -1)
 
         def reduce_into_stats(act: Tensor, hook: Any) -> None:
-            rows, group = groups.select(act, on_sequence)
-            values = rows.double()
-            flat(stats.over_zero).index_add_(0, group, (values > 0).long())
-            flat(stats.sum).index_add_(0, group, values)
-            flat(stats.sum_sq).index_add_(0, group, values * values)
-            index = group[:, None].expand_as(values)
-            flat(stats.max).scatter_reduce_(0, index, values, reduce="amax")
-            flat(stats.min).scatter_reduce_(0, index, values, reduce="amin")
-            stats.n_tokens[layer].view(-1).index_add_(0, group, torch.ones_like(group))
+            rows, spans = segments.select(act, on_sequence)
+            for start, end, destinations in spans:
+                values = rows[start:end]
+                wide = values.double()
+                fired, total, squares = (values > 0).sum(0), wide.sum(0), (wide * wide).sum(0)
+                high, low = values.amax(0).double(), values.amin(0).double()
+                for d, c in destinations:
+                    stats.over_zero[layer, d, c] += fired
+                    stats.sum[layer, d, c] += total
+                    stats.sum_sq[layer, d, c] += squares
+                    torch.maximum(stats.max[layer, d, c], high, out=stats.max[layer, d, c])
+                    torch.minimum(stats.min[layer, d, c], low, out=stats.min[layer, d, c])
+                    stats.n_tokens[layer, d, c] += end - start
 
         return reduce_into_stats
 
@@ -223,59 +230,78 @@ def _width(model: Any, hook_name: str) -> int:
     raise ValueError(f"no known width for neuron hook {hook_name}")
 
 
+Span = tuple[int, int, list[tuple[int, int]]]  # rows [start, end) and their (domain, class) groups
+
+
 @dataclass
-class _Groups:
-    """For one batch: which rows of a hooked activation go to which (domain, class) group."""
+class _Segments:
+    """For one batch: the rows of a hooked activation, ordered so that the positions of each
+    (domain, kind) form one contiguous span, and the groups each span counts in.
 
-    lm_index: tuple[Tensor, Tensor]  # (batch, pos) coordinates, one entry per (position, class)
-    lm_group: Tensor
-    tile_group_rows: Tensor  # domain*n_classes + class for each (tile, class) pair
-    tile_index: Tensor
+    Language-model positions are split into disjoint kinds (image, text, special) plus the
+    last positions, so each activation is reduced once and added to every class it is in
+    (``all`` = image + text + special). Vision crops are spans of whole crops.
+    """
+
+    positions: tuple[Tensor, Tensor]
+    position_spans: list[Span]
+    crops: Tensor
+    crop_spans: list[Span]
     shape: tuple[int, int]
-    n_tiles: int
 
-    def select(self, act: Tensor, on_sequence: bool) -> tuple[Tensor, Tensor]:
-        """(rows [m, neuron], group index [m]) of ``act`` for the statistics.
+    def select(self, act: Tensor, on_sequence: bool) -> tuple[Tensor, list[Span]]:
+        """Rows ``[m, neuron]`` of ``act`` in span order, and the spans.
 
         ``on_sequence``: ``act`` is ``[batch, pos, neuron]`` (language model); otherwise
-        ``[tiles, tokens, neuron]`` (vision tower, projector).
+        ``[crops, tokens, neuron]`` (vision tower, projector).
         """
         if on_sequence:
             if tuple(act.shape[:2]) != self.shape:
                 raise ValueError(f"a language-model hook saw shape {tuple(act.shape)}; the batch is {list(self.shape)}")
-            return act[self.lm_index], self.lm_group
-        if act.shape[0] != self.n_tiles:
+            return act[self.positions], self.position_spans
+        if act.shape[0] != len(self.crops):
             raise ValueError(
-                f"a neuron hook saw a tensor of shape {tuple(act.shape)}; expected [batch, pos, ...] = "
-                f"{list(self.shape)} or [tiles, tokens, ...] with {self.n_tiles} tiles"
+                f"a vision hook saw shape {tuple(act.shape)}; the batch's images take {len(self.crops)} crops"
             )
         tokens = act.shape[1]
-        rows = act[self.tile_index].flatten(0, 1)
-        return rows, self.tile_group_rows.repeat_interleave(tokens)
+        spans = [(start * tokens, end * tokens, groups) for start, end, groups in self.crop_spans]
+        return act[self.crops].flatten(0, 1), spans
 
 
-def _position_groups(mm: ModalityMap, domain_of_row: Tensor, classes: Sequence[str]) -> _Groups:
-    n_classes = len(classes)
-    masks = {
-        "image": mm.mask("image"),
-        "text": mm.mask("text"),
-        "all": ~mm.mask("padding"),
-        "last": mm.last_mask(),
-    }
-    batch_index, pos_index, group = [], [], []
-    for c, name in enumerate(classes):
-        b, p = torch.nonzero(masks[name], as_tuple=True)
-        batch_index.append(b)
-        pos_index.append(p)
-        group.append(domain_of_row[b] * n_classes + c)
-    tile_domain = domain_of_row[mm.tile_rows()]
-    vision_classes = torch.tensor([c for c, name in enumerate(classes) if name in ("image", "all")], dtype=torch.long)
-    tile_group = rearrange(tile_domain, "tile -> tile 1") * n_classes + rearrange(vision_classes, "cls -> 1 cls")
-    return _Groups(
-        lm_index=(torch.cat(batch_index), torch.cat(pos_index)),
-        lm_group=torch.cat(group),
-        tile_group_rows=rearrange(tile_group, "tile cls -> (tile cls)"),
-        tile_index=torch.arange(len(tile_domain)).repeat_interleave(len(vision_classes)),
+def _segments(mm: ModalityMap, domain_of_row: Tensor, classes: Sequence[str]) -> _Segments:
+    def targets(*names: str) -> list[int]:
+        return [classes.index(n) for n in names if n in classes]
+
+    kinds = [  # disjoint kinds of language-model position, and the classes each counts in
+        (mm.mask("image"), targets("image", "all")),
+        (mm.mask("text"), targets("text", "all")),
+        (mm.mask("special"), targets("all")),
+        (mm.last_mask(), targets("last")),
+    ]
+    batch_index, pos_index, position_spans, start = [], [], [], 0
+    for d in domain_of_row.unique().tolist():
+        in_domain = rearrange(domain_of_row == d, "batch -> batch 1")
+        for mask, class_indices in kinds:
+            b, p = torch.nonzero(mask & in_domain, as_tuple=True)
+            if len(b) and class_indices:
+                batch_index.append(b)
+                pos_index.append(p)
+                position_spans.append((start, start + len(b), [(d, c) for c in class_indices]))
+                start += len(b)
+    crop_domain = domain_of_row[mm.tile_rows()]
+    crop_order, crop_spans, start = [], [], 0
+    vision_classes = targets("image", "all")
+    for d in crop_domain.unique().tolist():
+        crops = torch.nonzero(crop_domain == d).flatten()
+        if vision_classes:
+            crop_order.append(crops)
+            crop_spans.append((start, start + len(crops), [(d, c) for c in vision_classes]))
+            start += len(crops)
+    empty = torch.zeros(0, dtype=torch.long)
+    return _Segments(
+        positions=(torch.cat(batch_index) if batch_index else empty, torch.cat(pos_index) if pos_index else empty),
+        position_spans=position_spans,
+        crops=torch.cat(crop_order) if crop_order else torch.arange(len(crop_domain)),
+        crop_spans=crop_spans,
         shape=mm.shape,
-        n_tiles=int(mm.image_tiles.sum()),
     )

@@ -9,7 +9,7 @@ network.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -72,8 +72,8 @@ def build_word_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedToke
     return tokenizer
 
 
-def _vision_config(image_size: int, patch_size: int, width: int, layers: int) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
+def _vision_config(image_size: int, patch_size: int, width: int, layers: int, **overrides) -> CLIPVisionConfig:
+    settings = dict(
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=layers,
@@ -82,11 +82,12 @@ def _vision_config(image_size: int, patch_size: int, width: int, layers: int) ->
         patch_size=patch_size,
         projection_dim=width,
     )
+    return CLIPVisionConfig(**{**settings, **overrides})
 
 
-def _text_config(vocab_size: int, width: int, layers: int, pad_token_id: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size,
+def _text_config(tokenizer_size: int, width: int, layers: int, pad_token_id: int, **overrides) -> LlamaConfig:
+    settings = dict(
+        vocab_size=tokenizer_size,
         hidden_size=width,
         intermediate_size=2 * width,
         num_hidden_layers=layers,
@@ -97,6 +98,7 @@ def _text_config(vocab_size: int, width: int, layers: int, pad_token_id: int) ->
         bos_token_id=1,
         eos_token_id=2,
     )
+    return LlamaConfig(**{**settings, **overrides})
 
 
 def _save(model, processor, folder: str | Path) -> Path:
@@ -117,15 +119,19 @@ def build_tiny_llava(
     text_layers: int = 2,
     seed: int = 0,
     words: Sequence[str] = DEFAULT_WORDS,
+    vision_overrides: Mapping[str, Any] | None = None,
+    text_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a random-initialised ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout).
 
     ``(image_size // patch_size) ** 2`` image tokens per image (16 by default).
+    ``vision_overrides`` / ``text_overrides`` replace fields of the CLIP / Llama configs
+    (e.g. ``{"intermediate_size": 1408, "vocab_size": 32000}`` for benchmark shapes).
     """
     tokenizer = build_word_tokenizer(words)
     config = LlavaConfig(
-        vision_config=_vision_config(image_size, patch_size, width, vision_layers),
-        text_config=_text_config(len(tokenizer), width, text_layers, tokenizer.pad_token_id),
+        vision_config=_vision_config(image_size, patch_size, width, vision_layers, **(vision_overrides or {})),
+        text_config=_text_config(len(tokenizer), width, text_layers, tokenizer.pad_token_id, **(text_overrides or {})),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu",
         vision_feature_layer=-2,

@@ -126,3 +126,15 @@ def test_bad_labels_and_modules_are_errors(model, samples):
         NeuronStatsCollector(model, DOMAINS, classes=["image", "audio"])
     with pytest.raises(ValueError, match="no 'domain' field"):
         collect_neuron_stats(model, [{"question": "what", "image": None}], progress=False)
+
+
+def test_reducing_a_cache_equals_reducing_inside_hooks(model, samples):
+    chunk = samples[:4]
+    batch = model.prepare_inputs([s["question"] for s in chunk], [s["image"] for s in chunk])
+    labels = [s["domain"] for s in chunk]
+    streamed, cached = NeuronStatsCollector(model, DOMAINS), NeuronStatsCollector(model, DOMAINS)
+    streamed.update(batch, labels)
+    names = [n for hooks in model.neuron_hooks.values() for n in hooks]
+    _, cache = model.run_with_cache(batch, names_filter=names)
+    cached.add_cache(cache, batch, labels)
+    assert cached.stats.equals(streamed.stats)
