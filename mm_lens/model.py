@@ -136,6 +136,11 @@ class HookedMLLM(torch.nn.Module):
             modules[module] = hooks
         return modules
 
+    @property
+    def neuron_widths(self) -> dict[str, int]:
+        """Neuron module name -> neurons per layer."""
+        return dict(self.spec.neuron_widths(self.hf_model))
+
     # ---- inputs --------------------------------------------------------------------
     def prepare_inputs(
         self,

@@ -167,9 +167,9 @@ class NeuronStatsCollector:
         self.model = model
         self.hooks = {m: available[m] for m in modules}
         self.stats = NeuronStats(tuple(domains), tuple(classes), {}, {})
-        self._widths = {m: _width(model, hooks[0]) for m, hooks in self.hooks.items()}
+        widths = model.neuron_widths
         for module, hooks in self.hooks.items():
-            self.stats.modules[module] = ModuleStats.empty(len(hooks), len(domains), len(classes), self._widths[module])
+            self.stats.modules[module] = ModuleStats.empty(len(hooks), len(domains), len(classes), widths[module])
 
     def update(self, batch: Any, domains: Sequence[str]) -> None:
         """Run ``batch`` (a ``MultimodalBatch``) once and add its activations; they are
@@ -216,18 +216,6 @@ class NeuronStatsCollector:
                     stats.n_tokens[layer, d, c] += end - start
 
         return reduce_into_stats
-
-
-def _width(model: Any, hook_name: str) -> int:
-    """Neurons per layer of the module whose first hook is ``hook_name``."""
-    cfg, hf_cfg = model.cfg, model.hf_model.config
-    if ".mlp.hook_act" in hook_name:
-        return cfg.d_mlp
-    if hook_name.startswith("vision_encoder"):
-        return hf_cfg.vision_config.intermediate_size
-    if hook_name == "vision_projector.hook_hidden":
-        return model.hf_model.model.multi_modal_projector.linear_1.out_features
-    raise ValueError(f"no known width for neuron hook {hook_name}")
 
 
 Span = tuple[int, int, list[tuple[int, int]]]  # rows [start, end) and their (domain, class) groups

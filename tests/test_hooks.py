@@ -97,3 +97,9 @@ def test_documented_hooks_are_listed_in_docs(run, arch):
     for name in _documented_shapes(model, batch):
         generic = re.sub(r"\.\d+\.", ".{l}.", name)
         assert f"`{generic}`" in text, f"{generic} missing from docs/hooks.md"
+
+
+def test_neuron_widths_equal_hook_widths(run, arch):
+    model, _, cache = run[arch]
+    for module, hooks in model.neuron_hooks.items():
+        assert all(cache[name].shape[-1] == model.neuron_widths[module] for name in hooks), module

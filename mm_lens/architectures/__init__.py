@@ -21,6 +21,7 @@ class ArchitectureSpec:
     """What mm_lens needs to know about one HF multimodal architecture.
 
     ``neuron_hooks``: neuron-module name -> hook name, with ``{layer}`` for per-layer modules.
+    ``neuron_widths(hf_model)``: neuron-module name -> neurons per layer.
     ``image_layouts(config, inputs)``: one ``ImageLayout`` per image of a batch.
     ``inert_hooks``: hook-name suffixes TransformerLens declares but never fires for this
     architecture outside compatibility mode (listed in docs/hooks.md).
@@ -29,6 +30,7 @@ class ArchitectureSpec:
     hf_class: str
     adapter: type[ArchitectureAdapter]
     neuron_hooks: Mapping[str, str]
+    neuron_widths: Callable[[Any], Mapping[str, int]]
     image_layouts: Callable[[Any, Mapping[str, Any]], Sequence[ImageLayout]]
     image_input_names: tuple[str, ...]
     inert_hooks: tuple[str, ...] = ()

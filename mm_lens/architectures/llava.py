@@ -19,6 +19,17 @@ NEURON_HOOKS = {
     "vision_mlp": "vision_encoder.encoder_layers.{layer}.mlp.hook_post",
     "projector": "vision_projector.hook_hidden",
 }
+
+
+def neuron_widths(hf_model: Any) -> dict[str, int]:
+    config = hf_model.config
+    return {
+        "lm_mlp": config.text_config.intermediate_size,
+        "vision_mlp": config.vision_config.intermediate_size,
+        "projector": hf_model.model.multi_modal_projector.linear_1.out_features,
+    }
+
+
 # Declared by TransformerLens' CLIP/LLaVA bridges but never called by HF's forward here.
 INERT_HOOKS = (
     "vision_encoder.hook_patch_embed",
@@ -139,6 +150,7 @@ LLAVA = ArchitectureSpec(
     hf_class="LlavaForConditionalGeneration",
     adapter=LlavaNeuronAdapter,
     neuron_hooks=NEURON_HOOKS,
+    neuron_widths=neuron_widths,
     image_layouts=llava_layouts,
     image_input_names=("pixel_values",),
     inert_hooks=INERT_HOOKS,
@@ -147,6 +159,7 @@ LLAVA_NEXT = ArchitectureSpec(
     hf_class="LlavaNextForConditionalGeneration",
     adapter=LlavaNextNeuronAdapter,
     neuron_hooks=NEURON_HOOKS,
+    neuron_widths=neuron_widths,
     image_layouts=llava_next_layouts,
     image_input_names=("pixel_values", "image_sizes"),
     inert_hooks=INERT_HOOKS,
