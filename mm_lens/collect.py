@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 

@@ -40,11 +40,13 @@ def _picture(domain: str, seed: int):
 def make_samples(n: int = 10) -> list[dict]:
     """Samples of three domains; every fourth has no image (text-only rows)."""
     questions = ["what is the color", "how many are there", "describe the picture", "is there a car"]
+    answers = ["red", "two", "a road", "no"]
     return [
         {
             "question": questions[i % 4],
             "image": None if i % 4 == 3 else _picture(DOMAINS[i % 3], i),
             "domain": DOMAINS[i % 3],
+            "answer": answers[i % 4],
         }
         for i in range(n)
     ]

@@ -64,23 +64,6 @@ class _Interrupting(list):
         return super().__getitem__(index)
 
 
-def test_resume_after_interruption_is_bit_identical(model, samples, tmp_path):
-    plain = collect_neuron_stats(model, samples, batch_size=2, progress=False)
-    path = tmp_path / "stats.safetensors"
-    with pytest.raises(KeyboardInterrupt):
-        collect_neuron_stats(model, _Interrupting(samples, stop_at=7), batch_size=2, checkpoint=path, checkpoint_every=1, progress=False)
-    assert NeuronStats.load(path).metadata["batches_done"] == 3
-    resumed = collect_neuron_stats(model, samples, batch_size=2, checkpoint=path, checkpoint_every=1, progress=False)
-    assert resumed.equals(plain)
-
-
-def test_checkpoint_with_other_settings_is_refused(model, samples, tmp_path):
-    path = tmp_path / "stats.safetensors"
-    collect_neuron_stats(model, samples[:4], batch_size=2, checkpoint=path, progress=False)
-    with pytest.raises(ValueError, match="made with other settings"):
-        collect_neuron_stats(model, samples[:4], batch_size=1, checkpoint=path, progress=False)
-
-
 @pytest.fixture(scope="module")
 def samples():
     return make_samples()
