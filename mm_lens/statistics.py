@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from einops import rearrange
+from einops import rearrange, reduce
 from jaxtyping import Float, Int
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -91,6 +91,22 @@ class NeuronStats:
     def n_tokens(self, module: str, position_class: str = "all") -> Int[Tensor, "domain"]:
         """Positions counted per domain (the same at every layer)."""
         return self.modules[module].n_tokens[0, :, self._class_index(position_class)]
+
+    def neuron_means(self, position_class: str = "all", domains: Sequence[str] | None = None) -> dict[str, Float[Tensor, "layer neuron"]]:
+        """Mean activation of every neuron, pooled over ``domains`` (default: all), per
+        module: the ``means`` that ``deactivation_hooks(mode="mean")`` takes."""
+        c = self._class_index(position_class)
+        chosen = list(self.domains) if domains is None else list(domains)
+        unknown = [d for d in chosen if d not in self.domains]
+        if unknown:
+            raise ValueError(f"unknown domains {unknown}; the statistics have {list(self.domains)}")
+        index = torch.tensor([self.domains.index(d) for d in chosen])
+        means = {}
+        for name, stats in self.modules.items():
+            total = reduce(stats.sum[:, index, c], "layer domain neuron -> layer neuron", "sum")
+            count = reduce(stats.n_tokens[:, index, c], "layer domain -> layer 1", "sum")
+            means[name] = (total / count.clamp(min=1)).float()
+        return means
 
     def _class_index(self, position_class: str) -> int:
         if position_class not in self.classes:

@@ -138,3 +138,15 @@ def test_reducing_a_cache_equals_reducing_inside_hooks(model, samples):
     _, cache = model.run_with_cache(batch, names_filter=names)
     cached.add_cache(cache, batch, labels)
     assert cached.stats.equals(streamed.stats)
+
+
+def test_neuron_means_pool_domains_by_token_counts(model, samples):
+    stats = collect_neuron_stats(model, samples, batch_size=5, progress=False)
+    means = stats.neuron_means()
+    s, c = stats.modules["lm_mlp"], POSITION_CLASSES.index("all")
+    expected = s.sum[:, :, c].sum(1) / s.n_tokens[:, :, c].sum(1, keepdim=True)
+    assert torch.allclose(means["lm_mlp"].double(), expected, atol=1e-6)
+    one = stats.neuron_means(domains=["plain"])["projector"]
+    assert torch.allclose(one.double(), stats.modules["projector"].mean()[:, 1, c], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown domains"):
+        stats.neuron_means(domains=["space"])
