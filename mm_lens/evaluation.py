@@ -137,6 +137,7 @@ def score_answers(
 
 
 METRICS: tuple[str, ...] = ("accuracy", "answer_logprob", "hidden_change")
+UNION = "(all)"  # row of CrossDomainResult with every group's neurons off at once
 
 
 def _per_domain(scores: AnswerScores, baseline: AnswerScores | None, labels: list[str], domains: list[str]) -> dict[str, Tensor]:
@@ -233,23 +234,34 @@ def evaluate_cross_domain(
     seeds: Sequence[int] = (0, 1, 2),
     mode: str = "zero",
     positions: str | Sequence[str] = "all",
+    complementary: bool = False,
+    include_union: bool = False,
     batch_size: int = 8,
     max_new_tokens: int = 8,
     progress: bool = True,
 ) -> CrossDomainResult:
     """Deactivate each group's neurons (all modules) and, as controls, matched random
-    neurons (one draw per seed); score every sample; average per evaluation domain."""
+    neurons (one draw per seed); score every sample; average per evaluation domain (the
+    samples' ``domain`` labels: domains for MMNeuron, datasets for MINER).
+
+    ``mode``/``positions``/``complementary`` are passed to ``deactivation_hooks``;
+    ``include_union`` adds a row ``(all)`` with every group's neurons off at once.
+    """
     if not seeds:
         raise ValueError("pass at least one seed for the random control")
     labels = sample_column(samples, "domain")
     sample_column(samples, "answer")
     domains = sorted(set(labels))
+    groups: list[str | None] = list(neuron_set.groups) + ([None] if include_union else [])
     runs = [("baseline", None, None)]
-    runs += [("chosen", group, neuron_set) for group in neuron_set.groups]
-    runs += [(f"random{seed}", group, neuron_set.random_control(seed)) for seed in seeds for group in neuron_set.groups]
+    runs += [("chosen", group, neuron_set) for group in groups]
+    runs += [(f"random{seed}", group, neuron_set.random_control(seed)) for seed in seeds for group in groups]
 
     def run(neurons: NeuronSet | None, group: str | None, baseline: AnswerScores | None):
-        deactivate = None if neurons is None else {"neurons": neurons, "groups": [group], "mode": mode, "positions": positions}
+        deactivate = None if neurons is None else {
+            "neurons": neurons, "groups": None if group is None else [group],
+            "mode": mode, "positions": positions, "complementary": complementary,
+        }
         scores = score_answers(model, samples, deactivate=deactivate, batch_size=batch_size, max_new_tokens=max_new_tokens)
         return scores, _per_domain(scores, baseline, labels, domains)
 
@@ -268,11 +280,11 @@ def evaluate_cross_domain(
     chosen = stack("chosen")
     randoms = [stack(f"random{seed}") for seed in seeds]
     return CrossDomainResult(
-        groups=list(neuron_set.groups),
+        groups=[UNION if g is None else g for g in groups],
         domains=domains,
         baseline=baseline,
         chosen=chosen,
         random={m: torch.stack([r[m] for r in randoms]) for m in METRICS},
-        metadata={"mode": mode, "positions": positions, "seeds": list(seeds), "n_samples": len(labels),
+        metadata={"mode": mode, "positions": positions, "complementary": complementary, "seeds": list(seeds), "n_samples": len(labels),
                   "neurons": neuron_set.metadata, "max_new_tokens": max_new_tokens},
     )

@@ -110,3 +110,16 @@ def test_missing_answers_or_seeds_are_errors(model, samples):
         evaluate_cross_domain(model, [{k: v for k, v in s.items() if k != "answer"} for s in samples], neuron_set, progress=False)
     with pytest.raises(ValueError, match="at least one seed"):
         evaluate_cross_domain(model, samples, neuron_set, seeds=(), progress=False)
+
+
+def test_union_row_and_complementary_deactivation(model, samples):
+    width = model.cfg.d_mlp
+    neuron_set = _lm_set(model, {"noise": (0, [0, 1]), "plain": (1, [2])})
+    result = evaluate_cross_domain(model, samples, neuron_set, seeds=(0,), include_union=True, max_new_tokens=1, progress=False)
+    assert result.groups == ["noise", "plain", "(all)"]
+    everything_but = evaluate_cross_domain(
+        model, samples, _lm_set(model, {"noise": (0, list(range(width // 2)))}), seeds=(0,), complementary=True, max_new_tokens=1, progress=False
+    )
+    # keeping half of layer 0 and switching off the rest, and all of layer 1, moves the answer
+    assert (everything_but.chosen["hidden_change"] > 0).all()
+    assert everything_but.metadata["complementary"] is True
