@@ -5,7 +5,6 @@ Pure functions on tensors; ``convergence.py`` feeds them per-layer residuals.
 
 from __future__ import annotations
 
-import torch
 from einops import rearrange, reduce
 from jaxtyping import Float
 from torch import Tensor
