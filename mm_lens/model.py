@@ -69,6 +69,7 @@ class HookedMLLM(torch.nn.Module):
         self.bridge = bridge
         self.processor = processor
         self.spec = spec
+        self.eval()  # analyses run in evaluation mode, as HF's from_pretrained leaves models
 
     # ---- loading -------------------------------------------------------------------
     @classmethod

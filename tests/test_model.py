@@ -98,3 +98,7 @@ def test_dtype_argument_casts_the_model(model_folders, arch, images):
     batch = half.prepare_inputs(["what is the color"], [images[0]])
     batch = MultimodalBatch({**batch.inputs, "pixel_values": batch["pixel_values"].bfloat16()}, batch.modality_map)
     assert half(batch).dtype == torch.bfloat16
+
+
+def test_loaded_model_is_in_evaluation_mode(model):
+    assert not model.training and not model.hf_model.training

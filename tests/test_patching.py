@@ -1,0 +1,126 @@
+"""Activation patching across images: identities, exact restoration, grid cells, TL parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from transformer_lens import patching as tl_patching
+
+from conftest import random_image
+from mm_lens.patching import PatchingResult, patch_sweep, with_inputs
+
+
+@pytest.fixture(scope="module")
+def pairs(models, images):
+    out = {}
+    for arch, model in models.items():
+        prompts = ["what is the color", "how many are there"]
+        clean = model.prepare_inputs(prompts, [images[0], images[0]])
+        corrupted = model.prepare_inputs(prompts, [images[2].resize(images[0].size), images[2].resize(images[0].size)])
+        out[arch] = (clean, corrupted)
+    return out
+
+
+def test_clean_into_clean_is_one_and_corrupted_into_corrupted_is_zero(model, pairs, arch):
+    clean, corrupted = pairs[arch]
+    ones = patch_sweep(model, clean, corrupted, source="clean", target="clean", positions="text", progress=False)
+    zeros = patch_sweep(model, clean, corrupted, source="corrupted", target="corrupted", positions="text", progress=False)
+    assert torch.allclose(ones.effect, torch.ones_like(ones.effect), atol=1e-4)
+    assert torch.allclose(zeros.effect, torch.zeros_like(zeros.effect), atol=1e-4)
+
+
+def test_patching_every_position_at_layer_zero_restores_clean_logits(model, pairs, arch):
+    clean, corrupted = pairs[arch]
+    _, cache = model.run_with_cache(clean, names_filter="blocks.0.hook_resid_pre")
+    patched = model.run_with_hooks(corrupted, fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: cache["blocks.0.hook_resid_pre"])])
+    assert torch.equal(patched, model(clean))
+    result = patch_sweep(model, clean, corrupted, layers=[0], positions="all", per="all", metric="kl", progress=False)
+    assert result.effect.shape == (1, 1)
+    assert abs(float(result.effect[0, 0]) - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("metric", ["logit_diff", "prob", "kl"])
+def test_metrics_are_normalised_between_corrupted_and_clean(model, pairs, arch, metric):
+    clean, corrupted = pairs[arch]
+    result = patch_sweep(model, clean, corrupted, layers=[0, 1], positions="last", metric=metric, progress=False)
+    assert result.effect.shape == (2, 1)
+    assert result.clean_metric != result.corrupted_metric
+    expected = (result.metric - result.corrupted_metric) / (result.clean_metric - result.corrupted_metric)
+    assert torch.allclose(result.effect, expected)
+
+
+def _one_distinct_patch(row: int, col: int, patch: int = 7, size: int = 28):
+    base = np.full((size, size, 3), 120, dtype=np.uint8)
+    clean = base.copy()
+    clean[row * patch : (row + 1) * patch, col * patch : (col + 1) * patch] = (255, 20, 20)
+    return Image.fromarray(clean), Image.fromarray(base)
+
+
+def test_grid_cell_of_largest_effect_is_the_distinct_patch(models):
+    model = models["llava"]
+    distinct, uniform = _one_distinct_patch(1, 2)
+    clean = model.prepare_inputs(["what is the color"], [distinct])
+    corrupted = model.prepare_inputs(["what is the color"], [uniform])
+    result = patch_sweep(model, clean, corrupted, layers=[0], per="cell", metric="kl", progress=False)
+    grid = result.to_grid(0, image=0, view=0)
+    assert grid.shape == (4, 4)
+    assert divmod(int(grid.abs().argmax()), 4) == (1, 2)
+
+
+def test_cells_group_patches_by_cell_size(models, pairs):
+    model = models["llava"]
+    clean, corrupted = pairs["llava"]
+    result = patch_sweep(model, clean, corrupted, layers=[1], per="cell", cell_size=2, progress=False)
+    assert len(result.units) == 4 and all(len(u.positions) == 4 for u in result.units)
+    assert result.to_grid(1).shape == (2, 2)
+
+
+def test_transformer_lens_patching_through_with_inputs_equals_our_sweep(model, pairs, arch):
+    clean, corrupted = pairs[arch]
+    _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    ours = patch_sweep(model, clean, corrupted, positions="all", metric="logit_diff", progress=False)
+    clean_logits, corrupted_logits = model(clean), model(corrupted)
+    rows, last = torch.arange(2), clean.modality_map.last
+    answer = clean_logits[rows, last].argmax(-1)
+    ranked = corrupted_logits[rows, last].topk(2, -1).indices
+    wrong = torch.where(ranked[:, 0] == answer, ranked[:, 1], ranked[:, 0])
+
+    def metric(logits):
+        return (logits[rows, last, answer] - logits[rows, last, wrong]).mean()
+
+    theirs = tl_patching.get_act_patch_resid_pre(with_inputs(model, corrupted), corrupted["input_ids"], clean_cache, metric)
+    positions = ours.units
+    assert theirs.shape == (model.cfg.n_layers, clean["input_ids"].shape[1])
+    columns = torch.tensor([int(u.positions[0]) for u in positions])
+    assert torch.allclose(theirs[:, columns], ours.metric, atol=1e-4)
+
+
+def test_passing_the_model_itself_to_transformer_lens_is_a_clear_error(model, pairs, arch):
+    clean, corrupted = pairs[arch]
+    _, clean_cache = model.run_with_cache(clean, names_filter="blocks.0.hook_resid_pre")
+    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
+        tl_patching.get_act_patch_resid_pre(model, corrupted["input_ids"], clean_cache, lambda logits: logits.sum())
+
+
+def test_batches_that_differ_in_text_or_length_are_refused(model, images):
+    a = model.prepare_inputs(["what is the color"], [images[0]])
+    with pytest.raises(ValueError, match="token ids differ"):
+        patch_sweep(model, a, model.prepare_inputs(["how many are there"], [images[0]]), progress=False)
+    with pytest.raises(ValueError, match="have shape"):
+        patch_sweep(model, a, model.prepare_inputs(["what is the color of the shape"], [images[0]]), progress=False)
+    with pytest.raises(ValueError, match="unknown hook"):
+        patch_sweep(model, a, a, hook="embed", progress=False)
+    with pytest.raises(ValueError, match="same on the clean and corrupted"):
+        patch_sweep(model, a, a, progress=False)
+
+
+def test_result_saves_loads_and_plots(model, pairs, arch, tmp_path):
+    clean, corrupted = pairs[arch]
+    result = patch_sweep(model, clean, corrupted, layers=[0], positions="text", progress=False)
+    result.save(tmp_path)
+    loaded = PatchingResult.load(tmp_path)
+    assert torch.equal(loaded.effect, result.effect) and [u.label for u in loaded.units] == [u.label for u in result.units]
+    assert isinstance(result.plot(), Figure)
