@@ -143,6 +143,15 @@ class PatchingResult:
             grid[cell[2], cell[3]] = self.effect[li, i]
         return grid
 
+    def position_values(self, layer: int, shape: tuple[int, int]) -> Float[Tensor, "batch pos"]:
+        """Each unit's effect at ``layer`` written at its positions (NaN elsewhere), e.g. for
+        ``ModalityMap.to_grid`` or ``visualize.heatmap_for``."""
+        values = torch.full(shape, torch.nan)
+        li = self.layers.index(layer)
+        for i, unit in enumerate(self.units):
+            values[:, unit.positions] = self.effect[li, i]
+        return values
+
     def plot(self, ax=None):
         """Heatmap of the normalised effect, layer x unit."""
         from matplotlib.figure import Figure

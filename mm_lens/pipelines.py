@@ -3,17 +3,37 @@ metadata (JSON) and plots (PNG). The command line runs these."""
 
 from __future__ import annotations
 
+import html
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mm_lens.collect import Sample
+import torch
+
+from mm_lens.collect import Sample, collect_neuron_stats, sample_column
+from mm_lens.domain_neurons import select_domain_neurons
+from mm_lens.report import HTMLReport
+from mm_lens.statistics import NeuronStats
+from mm_lens.visualize import heatmap_for
 from mm_lens.convergence import ConvergenceResult, analyze_convergence
 from mm_lens.modality import MODALITIES
 from mm_lens.evaluation import CrossDomainResult, evaluate_cross_domain
 from mm_lens.modality_neurons import MinerScores, collect_miner_scores, select_modality_neurons
 from mm_lens.neurons import NeuronSet
+from mm_lens.patching import PatchingResult, patch_sweep
 from mm_lens.specificity import DEFAULT_METRIC_WEIGHTS
+
+
+@dataclass
+class DomainNeuronRun:
+    """Everything ``run_domain_neurons`` computed; the same is on disk under ``out``."""
+
+    stats: NeuronStats
+    neurons: NeuronSet
+    evaluation: CrossDomainResult
+    out: Path
 
 
 @dataclass
@@ -29,6 +49,77 @@ class MinerRun:
 
 def _save_figure(figure: Any, path: Path) -> None:
     figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def _first_per_domain(samples: Sequence[Sample], n: int) -> list[Sample]:
+    """The first ``n`` samples of each domain, in order."""
+    taken: dict[str, int] = {}
+    chosen = []
+    for i, domain in enumerate(sample_column(samples, "domain")):
+        if taken.get(domain, 0) < n:
+            taken[domain] = taken.get(domain, 0) + 1
+            chosen.append(samples[i])
+    return chosen
+
+
+def run_domain_neurons(
+    model: Any,
+    samples: Sequence[Sample],
+    out: str | Path,
+    *,
+    top_rate: float = 0.01,
+    filter_rate: float = 0.95,
+    activation_bar_ratio: float = 0.95,
+    mode: str = "zero",
+    seeds: Sequence[int] = (0, 1, 2),
+    evaluation_samples: int = 64,
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    progress: bool = True,
+) -> DomainNeuronRun:
+    """MMNeuron end to end on the samples that have an image: statistics of every neuron
+    module (checkpointed under ``out``), LAPE selection, and deactivation of each domain's
+    neurons against matched random controls, evaluated on the first ``evaluation_samples``
+    samples of each domain. Writes tables, tensors, plots and ``report.html``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    has_image = [image is not None for image in sample_column(samples, "image")]
+    with_images = [samples[i] for i, keep in enumerate(has_image) if keep]
+    if not with_images:
+        raise ValueError("no sample has an image; domain-specific neurons are found on image samples")
+    stats = collect_neuron_stats(
+        model, with_images, batch_size=batch_size, checkpoint=out / "stats.checkpoint.safetensors", progress=progress
+    )
+    stats.save(out / "stats.safetensors")
+    neurons = select_domain_neurons(stats, top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio)
+    neurons.save(out / "neurons")
+    (out / "neurons.txt").write_text(neurons.table() + "\n")
+    _save_figure(neurons.plot(), out / "neurons_per_layer.png")
+    overlap_module = "lm_mlp" if "lm_mlp" in neurons.modules else None
+    _save_figure(neurons.plot_overlap(overlap_module), out / "neurons_overlap.png")
+
+    evaluation = evaluate_cross_domain(
+        model, _first_per_domain(with_images, evaluation_samples), neurons, seeds=seeds, mode=mode,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+    )
+    evaluation.save(out / "evaluation")
+    (out / "evaluation.txt").write_text("\n\n".join(evaluation.table(m) for m in ("accuracy", "answer_logprob", "hidden_change")) + "\n")
+    _save_figure(evaluation.plot("accuracy"), out / "evaluation_accuracy.png")
+    _save_figure(evaluation.plot("answer_logprob"), out / "evaluation_logprob.png")
+
+    report = HTMLReport("Domain-specific neurons (MMNeuron)")
+    report.add_text(f"Model: {getattr(model.cfg, 'model_name', '?')}; {len(with_images)} image samples; domains: {', '.join(stats.domains)}.")
+    report.add_heading("Neurons per domain, module and layer")
+    report.add_html(f"<pre>{html.escape(neurons.table())}</pre>")
+    report.add_figure(neurons.plot(), "Domain-specific neurons over layers, per module")
+    report.add_figure(neurons.plot_overlap(overlap_module), "Neurons shared between domains")
+    report.add_heading("Switching each domain's neurons off, against matched random neurons")
+    for metric in ("accuracy", "answer_logprob", "hidden_change"):
+        report.add_html(f"<pre>{html.escape(evaluation.table(metric))}</pre>")
+    report.add_figure(evaluation.plot("accuracy"), "Change of greedy exact-match accuracy")
+    report.add_figure(evaluation.plot("answer_logprob"), "Change of answer log-probability")
+    report.save(out / "report.html")
+    return DomainNeuronRun(stats, neurons, evaluation, out)
 
 
 def run_miner(
@@ -87,4 +178,114 @@ def run_miner(
     convergence.save(out / "convergence")
     (out / "convergence.txt").write_text(convergence.table() + "\n")
     _save_figure(convergence.plot(), out / "convergence.png")
+
+    report = HTMLReport("Modality-specific neurons (MINER)")
+    report.add_text(f"Datasets: {', '.join(f'{k} ({len(v)})' for k, v in datasets.items())}; modalities: {', '.join(modalities)}; "
+                    f"ratio {ratio}, strategy {strategy}.")
+    report.add_heading("Neurons per modality and layer")
+    report.add_html(f"<pre>{html.escape(neurons.table())}</pre>")
+    report.add_figure(neurons.plot_layers("lm_mlp"), "Modality-specific neurons over layers")
+    report.add_figure(neurons.plot_overlap(), "Neurons shared between modalities")
+    report.add_heading("Switching them off, against matched random neurons")
+    for metric in ("accuracy", "answer_logprob", "hidden_change"):
+        report.add_html(f"<pre>{html.escape(deactivation.table(metric))}</pre>")
+    report.add_figure(deactivation.plot("accuracy"), "Change of accuracy per dataset")
+    report.add_heading("Convergence of modalities over layers")
+    report.add_html(f"<pre>{html.escape(convergence.table())}</pre>")
+    report.add_figure(convergence.plot(), "Solid: as is; dashed: modality-specific neurons off")
+    report.save(out / "report.html")
     return MinerRun(scores, neurons, deactivation, convergence, out)
+
+
+@dataclass
+class PatchingRun:
+    """The two sweeps of ``run_patching`` and what was compared."""
+
+    by_position: PatchingResult
+    by_cell: PatchingResult
+    description: str
+    out: Path
+
+
+def counterfactual_pair(samples: Sequence[Sample], domain: str | None = None) -> tuple[Sample, Sample]:
+    """Two samples of one domain with the same question, same image size and different
+    answers (the first such pair): a clean and a corrupted input for patching."""
+    domains = sample_column(samples, "domain")
+    for i, first in enumerate(domains):
+        if domain is not None and first != domain:
+            continue
+        a = samples[i]
+        if a["image"] is None:
+            continue
+        for j in range(i + 1, len(domains)):
+            b = samples[j]
+            if (domains[j] == first and b["image"] is not None and b["question"] == a["question"]
+                    and b["answer"] != a["answer"] and b["image"].size == a["image"].size):
+                return a, b
+    where = f"domain {domain!r}" if domain else "any domain"
+    raise ValueError(f"no two samples of {where} share a question and image size with different answers")
+
+
+def run_patching(
+    model: Any,
+    samples: Sequence[Sample],
+    out: str | Path,
+    *,
+    domain: str | None = None,
+    hook: str = "resid_pre",
+    metric: str = "logit_diff",
+    progress: bool = True,
+) -> PatchingRun:
+    """Patch a clean image's activations into a corrupted image's run (same question,
+    different answers): per layer and position, and per image cell drawn over the picture."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_sample, corrupted_sample = counterfactual_pair(samples, domain)
+    clean = model.prepare_inputs([clean_sample["question"]], [clean_sample["image"]])
+    corrupted = model.prepare_inputs([corrupted_sample["question"]], [corrupted_sample["image"]])
+    tokenizer = model.processor.tokenizer
+    answer = torch.tensor([tokenizer(" " + clean_sample["answer"], add_special_tokens=False)["input_ids"][0]])
+    wrong = torch.tensor([tokenizer(" " + corrupted_sample["answer"], add_special_tokens=False)["input_ids"][0]])
+    answers = {"answer_tokens": answer, "wrong_tokens": wrong} if metric == "logit_diff" else {}
+    by_position = patch_sweep(model, clean, corrupted, hook=hook, positions="all", metric=metric, progress=progress, **answers)
+    by_cell = patch_sweep(model, clean, corrupted, hook=hook, positions="image", per="cell", metric=metric, progress=progress, **answers)
+    by_position.save(out / "by_position")
+    by_cell.save(out / "by_cell")
+    description = (f"{clean_sample['domain']}: '{clean_sample['question']}' — clean answer '{clean_sample['answer']}', "
+                   f"corrupted answer '{corrupted_sample['answer']}'; {metric} clean {by_position.clean_metric:+.3f}, "
+                   f"corrupted {by_position.corrupted_metric:+.3f}")
+    (out / "pair.json").write_text(json.dumps({"clean": {k: clean_sample[k] for k in ("question", "answer", "domain")},
+                                               "corrupted": {k: corrupted_sample[k] for k in ("question", "answer", "domain")},
+                                               "description": description}, indent=2))
+    _save_figure(by_position.plot(), out / "by_position.png")
+    strongest = by_cell.layers[int(by_cell.effect.abs().sum(1).argmax())]
+    mm = clean.modality_map
+    figure = heatmap_for(model, clean, by_cell.position_values(strongest, mm.shape), image_index=0, view=0,
+                         image=clean_sample["image"], cmap="RdBu", title=f"patching effect per image cell, layer {strongest}")
+    _save_figure(figure, out / "by_cell_over_image.png")
+
+    report = HTMLReport("Activation patching across images")
+    report.add_text(description)
+    report.add_figure(by_position.plot(), "Effect per layer and position (0 = corrupted, 1 = clean)")
+    report.add_figure(figure, f"Effect per image cell at layer {strongest}, over the clean picture")
+    report.add_figure(by_cell.plot(), "Effect per layer and image cell")
+    report.save(out / "report.html")
+    return PatchingRun(by_position, by_cell, description, out)
+
+
+def folder_report(folder: str | Path) -> Path:
+    """Rebuild ``report.html`` of a results folder from its text tables and PNG plots."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a results folder")
+    tables, pictures = sorted(folder.glob("*.txt")), sorted(folder.glob("*.png"))
+    if not tables and not pictures:
+        raise ValueError(f"{folder} holds no tables (*.txt) or plots (*.png); run an analysis command first")
+    report = HTMLReport(f"mm_lens results: {folder.name}")
+    for table in tables:
+        report.add_heading(table.stem.replace("_", " "))
+        report.add_html(f"<pre>{html.escape(table.read_text())}</pre>")
+    for picture in pictures:
+        report.add_heading(picture.stem.replace("_", " "))
+        report.add_image(picture)
+    return report.save(folder / "report.html")

@@ -133,14 +133,19 @@ class HTMLReport:
         """A matplotlib figure, embedded as a base64 PNG (``close`` frees it afterwards)."""
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-        data = base64.b64encode(buffer.getvalue()).decode("ascii")
-        alt = html.escape(caption or "figure")
-        figcaption = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        self._parts.append(f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">{figcaption}</figure>')
+        self.add_image(buffer.getvalue(), caption)
         if close:
             import matplotlib.pyplot as plt
 
             plt.close(fig)
+        return self
+
+    def add_image(self, png: bytes | str | Path, caption: str | None = None) -> HTMLReport:
+        """A PNG image (bytes or a file), embedded as base64."""
+        data = base64.b64encode(png if isinstance(png, bytes) else Path(png).read_bytes()).decode("ascii")
+        alt = html.escape(caption or "figure")
+        figcaption = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+        self._parts.append(f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">{figcaption}</figure>')
         return self
 
     def add_view(self, view: Any) -> HTMLReport:

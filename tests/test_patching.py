@@ -68,6 +68,8 @@ def test_grid_cell_of_largest_effect_is_the_distinct_patch(models):
     grid = result.to_grid(0, image=0, view=0)
     assert grid.shape == (4, 4)
     assert divmod(int(grid.abs().argmax()), 4) == (1, 2)
+    on_map = clean.modality_map.to_grid(result.position_values(0, clean.modality_map.shape), image=0)
+    assert torch.equal(on_map, grid)
 
 
 def test_cells_group_patches_by_cell_size(models, pairs):

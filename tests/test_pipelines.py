@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import make_samples
 from mm_lens.neurons import NeuronSet
 from mm_lens.pipelines import run_miner
@@ -14,10 +16,55 @@ def test_run_miner_writes_tables_and_plots(model, tmp_path):
                     evaluation_samples=4, max_new_tokens=2, progress=False)
     for name in ("scores.safetensors", "neurons.txt", "neurons_per_layer.png", "neurons_overlap.png",
                  "deactivation.txt", "deactivation_accuracy.png", "deactivation_logprob.png",
-                 "convergence.txt", "convergence.png"):
+                 "convergence.txt", "convergence.png", "report.html"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert NeuronSet.load(tmp_path / "neurons") == run.neurons
     assert run.deactivation.groups == ["text", "image", "(all)"]
     assert run.deactivation.domains == ["mmlu", "vqa"]
     assert set(run.convergence.curves) == {"baseline", "neurons_off"}
     assert "image" in (tmp_path / "neurons.txt").read_text()
+
+
+def test_run_domain_neurons_writes_tables_plots_and_report(model, tmp_path):
+    from conftest import make_samples
+    from mm_lens.pipelines import run_domain_neurons
+    from mm_lens.report import remote_references
+
+    run = run_domain_neurons(model, make_samples(12), tmp_path, top_rate=0.05, seeds=(0,), evaluation_samples=2,
+                             max_new_tokens=2, progress=False)
+    for name in ("stats.safetensors", "neurons.txt", "neurons_per_layer.png", "neurons_overlap.png",
+                 "evaluation.txt", "evaluation_accuracy.png", "report.html"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert run.neurons.groups == list(run.stats.domains)
+    assert run.evaluation.domains == sorted(run.stats.domains)
+    page = (tmp_path / "report.html").read_text()
+    assert "Domain-specific neurons" in page and not remote_references(page)
+
+
+def test_run_patching_picks_a_counterfactual_pair_and_draws_it(model, tmp_path):
+    from conftest import random_image
+    from mm_lens.pipelines import counterfactual_pair, folder_report, run_patching
+    from mm_lens.report import remote_references
+
+    samples = [
+        {"question": "what is the color", "answer": "red", "domain": "plain", "image": random_image(28, 28, 1)},
+        {"question": "how many are there", "answer": "two", "domain": "plain", "image": random_image(28, 28, 2)},
+        {"question": "what is the color", "answer": "blue", "domain": "plain", "image": random_image(28, 28, 3)},
+    ]
+    clean, corrupted = counterfactual_pair(samples)
+    assert (clean["answer"], corrupted["answer"]) == ("red", "blue")
+    run = run_patching(model, samples, tmp_path, progress=False)
+    assert run.by_position.effect.shape[0] == model.cfg.n_layers
+    assert all(u.cell is not None for u in run.by_cell.units)
+    for name in ("by_position.png", "by_cell_over_image.png", "report.html", "pair.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    rebuilt = folder_report(tmp_path)
+    assert not remote_references(rebuilt.read_text())
+
+
+def test_counterfactual_pair_missing_is_a_clear_error(images):
+    from mm_lens.pipelines import counterfactual_pair
+
+    lonely = [{"question": "what", "answer": "red", "domain": "d", "image": images[0]}]
+    with pytest.raises(ValueError, match="no two samples of domain 'd'"):
+        counterfactual_pair(lonely, "d")
