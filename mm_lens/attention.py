@@ -42,7 +42,6 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
-import json
 import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -53,9 +52,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from einops import einsum, rearrange, reduce
 from jaxtyping import Bool, Float, Int
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mm_lens.io import load_tensors, save_tensors
 from mm_lens.modality import MODALITIES, ModalityMap
 
 if TYPE_CHECKING:
@@ -223,25 +222,19 @@ class AttentionShare:
         return fig
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path/attention_share.safetensors`` and ``path/attention_share.json``."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write ``path/attention_share.safetensors`` (tensors and settings)."""
         tensors = {"shares": self.shares, "per_row": self.per_row, "n_queries": self.n_queries}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / f"{SHARE_NAME}.safetensors"))
         header = {"layers": self.layers, "modalities": self.modalities, "query": self.query, "metadata": self.metadata}
-        (folder / f"{SHARE_NAME}.json").write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
-        return folder
+        save_tensors(Path(path) / f"{SHARE_NAME}.safetensors", tensors, header)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AttentionShare:
         """Read a folder written by ``save``."""
-        folder = Path(path)
-        json_path, tensors_path = folder / f"{SHARE_NAME}.json", folder / f"{SHARE_NAME}.safetensors"
-        for p in (json_path, tensors_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p} not found; pass a folder written by AttentionShare.save")
-        header = json.loads(json_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(tensors_path))
+        file = Path(path) / f"{SHARE_NAME}.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found; pass a folder written by AttentionShare.save")
+        tensors, header = load_tensors(file)
         return cls(tensors["shares"], tensors["per_row"], n_queries=tensors["n_queries"], **header)
 
 

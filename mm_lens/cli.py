@@ -1,10 +1,12 @@
-"""The ``mm-lens`` command line."""
+"""The ``mm-lens`` command line: each command runs one analysis on a model (default: the
+shipped model organism) and a dataset (default: its shipped held-out samples) and writes a
+results folder with tensors (safetensors), tables, metadata (JSON), plots (PNG) and an HTML
+report."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -14,19 +16,8 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Interpretability of multimodal LLMs on TransformerLens.")
 
-
-def _demo_images():
-    """Three synthetic pictures of different sizes (a gradient, stripes, a square)."""
-    import numpy as np
-    from PIL import Image
-
-    y, x = np.mgrid[0:48, 0:80]
-    gradient = np.stack([x * 3, y * 5, 255 - x * 3], axis=-1).clip(0, 255).astype(np.uint8)
-    stripes = np.zeros((90, 40, 3), dtype=np.uint8)
-    stripes[::10] = 255
-    square = np.full((64, 64, 3), 30, dtype=np.uint8)
-    square[16:48, 16:48] = (200, 40, 40)
-    return [Image.fromarray(a) for a in (gradient, stripes, square)]
+MODEL_HELP = "Model folder, or 'default' for the model organism shipped with mm_lens."
+DATA_HELP = "Dataset: a datasets.save_to_disk folder or a folder with data.jsonl; default: the shipped test split."
 
 
 def _quiet_transformers() -> None:
@@ -37,52 +28,151 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _load(model: str, data: Optional[Path], split: Optional[str], limit: Optional[int]):
+    """The model and the samples (at most ``limit`` per domain)."""
+    from mm_lens import HookedMLLM
+    from mm_lens.data import load_default_samples, load_samples
+    from mm_lens.pipelines import _first_per_domain
+
+    _quiet_transformers()
+    hooked = HookedMLLM.from_pretrained(model)
+    samples = load_default_samples(split or "test") if data is None else load_samples(data, split)
+    if limit is not None:
+        samples = _first_per_domain(samples, limit)
+    typer.echo(f"{hooked!r}; {len(samples)} samples")
+    return hooked, samples
+
+
+def _seeds(seeds: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in seeds.split(",") if s.strip())
+
+
+@app.command()
+def neurons(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    split: Optional[str] = typer.Option(None, help="Split of a multi-split dataset."),
+    out: Path = typer.Option(Path("results/neurons"), help="Results folder."),
+    limit: Optional[int] = typer.Option(None, help="At most this many samples per domain."),
+    top_rate: float = typer.Option(0.01, help="Share of each module's neurons kept (LAPE)."),
+    evaluation_samples: int = typer.Option(40, help="Samples per domain for the deactivation evaluation."),
+    seeds: str = typer.Option("0,1,2", help="Seeds of the random-neuron controls."),
+    batch_size: int = typer.Option(16),
+) -> None:
+    """Domain-specific neurons (MMNeuron): collect -> select -> deactivate vs random -> evaluate -> report."""
+    from mm_lens.pipelines import run_domain_neurons
+
+    hooked, samples = _load(model, data, split, limit)
+    run = run_domain_neurons(hooked, samples, out, top_rate=top_rate, seeds=_seeds(seeds),
+                             evaluation_samples=evaluation_samples, batch_size=batch_size)
+    typer.echo(run.neurons.table())
+    typer.echo(run.evaluation.table("accuracy"))
+    typer.echo(f"Results in {out}/ (report.html, neurons/, stats.safetensors, evaluation/, *.png)")
+
+
+@app.command()
+def miner(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    split: Optional[str] = typer.Option(None, help="Split of a multi-split dataset."),
+    out: Path = typer.Option(Path("results/miner"), help="Results folder."),
+    limit: Optional[int] = typer.Option(None, help="At most this many samples per domain."),
+    ratio: float = typer.Option(0.02, help="Share of LM MLP neurons selected (K = ratio * layers * neurons)."),
+    strategy: str = typer.Option("LA_MU", help="LA_MU, adaptive, LU_MA, uniform or random."),
+    evaluation_samples: int = typer.Option(20, help="Samples per dataset for deactivation and convergence."),
+    seeds: str = typer.Option("0,1,2", help="Seeds of the random-neuron controls."),
+    batch_size: int = typer.Option(16),
+) -> None:
+    """Modality-specific neurons (MINER), each domain as a dataset: scores -> selection ->
+    deactivation vs random -> convergence -> report."""
+    from mm_lens.collect import sample_column
+    from mm_lens.pipelines import run_miner
+
+    hooked, samples = _load(model, data, split, limit)
+    datasets: dict[str, list] = {}
+    for i, domain in enumerate(sample_column(samples, "domain")):
+        datasets.setdefault(domain, []).append(samples[i])
+    run = run_miner(hooked, datasets, out, ratio=ratio, strategy=strategy, seeds=_seeds(seeds),
+                    evaluation_samples=evaluation_samples, batch_size=batch_size)
+    typer.echo(run.neurons.table())
+    typer.echo(run.deactivation.table("accuracy"))
+    typer.echo(f"Results in {out}/ (report.html, scores.safetensors, neurons/, deactivation/, convergence/, *.png)")
+
+
+@app.command("logit-lens")
+def logit_lens(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    split: Optional[str] = typer.Option(None, help="Split of a multi-split dataset."),
+    out: Path = typer.Option(Path("results/logit_lens"), help="Results folder."),
+    limit: Optional[int] = typer.Option(20, help="At most this many samples per domain."),
+    batch_size: int = typer.Option(16),
+) -> None:
+    """Logit lens on image tokens: entropy per layer and domain, top-1 tokens, three stages."""
+    from mm_lens.pipelines import run_logit_lens
+
+    hooked, samples = _load(model, data, split, limit)
+    run = run_logit_lens(hooked, samples, out, batch_size=batch_size)
+    typer.echo(run.summary.table())
+    typer.echo(f"Results in {out}/ (report.html, lens.safetensors, *.png)")
+
+
+@app.command()
+def patch(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    split: Optional[str] = typer.Option(None, help="Split of a multi-split dataset."),
+    out: Path = typer.Option(Path("results/patch"), help="Results folder."),
+    domain: Optional[str] = typer.Option(None, help="Domain to take the image pair from (default: the first)."),
+    hook: str = typer.Option("resid_pre", help="resid_pre, resid_mid, resid_post, attn_out, mlp_out or mlp_act."),
+    metric: str = typer.Option("logit_diff", help="logit_diff, prob or kl."),
+) -> None:
+    """Activation patching across two images with the same question and different answers:
+    per layer and position, and per image cell drawn over the picture."""
+    from mm_lens.pipelines import run_patching
+
+    hooked, samples = _load(model, data, split, None)
+    run = run_patching(hooked, samples, out, domain=domain, hook=hook, metric=metric)
+    typer.echo(run.description)
+    typer.echo(f"Results in {out}/ (report.html, by_position/, by_cell/, *.png)")
+
+
+@app.command()
+def report(folder: Path = typer.Argument(..., help="A results folder written by another command.")) -> None:
+    """(Re)build ``report.html`` of a results folder from the tables and plots in it."""
+    from mm_lens.pipelines import folder_report
+
+    typer.echo(f"Wrote {folder_report(folder)}")
+
+
 @app.command()
 def inspect(
-    model: Optional[Path] = typer.Option(None, help="Local model folder; default: a tiny random LLaVA-NeXT built on the spot."),
+    model: str = typer.Option("default", help=MODEL_HELP),
     out: Path = typer.Option(Path("results/inspect"), help="Results folder."),
 ) -> None:
-    """Load a model, run prompts with images, and report where image tokens sit and how the
-    neurons of every neuron module fire on image vs text tokens."""
+    """Where image tokens sit in a batch, and how each neuron module fires on image vs text tokens."""
     import torch
     from safetensors.torch import save_file
 
-    from mm_lens import HookedMLLM
-    from mm_lens.tiny import build_tiny_llava_next
-
-    _quiet_transformers()
-    if model is None:
-        model = build_tiny_llava_next(Path(tempfile.mkdtemp(prefix="mm_lens_tiny_")))
-        typer.echo(f"No --model given: using a tiny random-initialised LLaVA-NeXT at {model}")
-    hooked = HookedMLLM.from_pretrained(model)
-    typer.echo(repr(hooked))
-    pictures = _demo_images()
-    batch = hooked.prepare_inputs(
-        ["what is the color of the shape", "how many are there", "describe"],
-        [pictures[0], [pictures[1], pictures[2]], None],
-    )
+    hooked, available = _load(model, None, None, 1)
+    samples = [s for s in available if s["image"] is not None][:2] + [s for s in available if s["image"] is None][:1]
+    batch = hooked.prepare_inputs([s["question"] for s in samples], [s["image"] for s in samples])
     mm = batch.modality_map
     typer.echo(mm.summary())
     hook_names = [name for hooks in hooked.neuron_hooks.values() for name in hooks]
     with torch.no_grad():
         _, cache = hooked.run_with_cache(batch, names_filter=hook_names)
-
     out.mkdir(parents=True, exist_ok=True)
     tensors, rows = {}, []
     image, text = mm.mask("image"), mm.mask("text")
     for module, hooks in hooked.neuron_hooks.items():
         for layer, name in enumerate(hooks):
             act = cache[name]
-            if act.shape[:2] == image.shape:  # language-model positions: split by modality
-                groups = {"image": act[image], "text": act[text]}
-            else:  # vision tower / projector positions are all image
-                groups = {"image": act.flatten(0, -2)}
+            groups = {"image": act[image], "text": act[text]} if name.startswith("blocks.") else {"image": act.flatten(0, -2)}
             for group, values in groups.items():
                 tensors[f"{module}.{layer}.{group}.mean"] = values.mean(0).contiguous()
-                rows.append({
-                    "module": module, "layer": layer, "group": group, "tokens": int(values.shape[0]),
-                    "mean": float(values.mean()), "fraction_positive": float((values > 0).float().mean()),
-                })
+                rows.append({"module": module, "layer": layer, "group": group, "tokens": int(values.shape[0]),
+                             "mean": float(values.mean()), "fraction_positive": float((values > 0).float().mean())})
     save_file(tensors, str(out / "neuron_means.safetensors"))
     (out / "summary.json").write_text(json.dumps({"model": str(model), "modality_map": mm.summary(), "neurons": rows}, indent=2))
     typer.echo(f"{'module':<11} {'layer':>5} {'group':<6} {'tokens':>7} {'mean':>9} {'>0':>6}")

@@ -8,7 +8,6 @@ x d_model`` floats) — run it on an evaluation subset (hundreds of samples), no
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,13 +17,13 @@ from typing import Any, Sequence
 import torch
 from einops import rearrange
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mm_lens.attention import attention_to_modalities, knockout_effect
 from mm_lens.collect import Sample
 from mm_lens.deactivation import deactivated
+from mm_lens.io import load_tensors, save_tensors
 from mm_lens.modality_neurons import modality_masks
 from mm_lens.neurons import NeuronSet
 from mm_lens.similarity import centered_mean_cosine, linear_cka
@@ -154,18 +153,15 @@ class ConvergenceResult:
         return figure
 
     def save(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{cond}/{name}": t.contiguous() for cond, c in self.curves.items() for name, t in c.items()}
-        save_file(tensors, str(folder / "convergence.safetensors"))
-        (folder / "convergence.json").write_text(json.dumps({"modalities": self.modalities, "metadata": self.metadata}, indent=2))
+        """``folder/convergence.safetensors``: every curve, modalities and metadata."""
+        tensors = {f"{cond}/{name}": t for cond, c in self.curves.items() for name, t in c.items()}
+        save_tensors(Path(folder) / "convergence.safetensors", tensors, {"modalities": self.modalities, "metadata": self.metadata})
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "ConvergenceResult":
-        folder = Path(folder)
-        header = json.loads((folder / "convergence.json").read_text())
+        tensors, header = load_tensors(Path(folder) / "convergence.safetensors")
         curves: dict[str, dict[str, Tensor]] = {}
-        for key, tensor in load_file(str(folder / "convergence.safetensors")).items():
+        for key, tensor in tensors.items():
             condition, name = key.split("/", 1)
             curves.setdefault(condition, {})[name] = tensor
         return cls(header["modalities"], curves, header["metadata"])

@@ -488,6 +488,16 @@ def load_samples(
 # Reporting
 
 
+DEFAULT_DATA = Path(__file__).parent / "assets" / "default_data"
+
+
+def load_default_samples(split: str = "test") -> datasets.Dataset:
+    """The held-out synthetic samples shipped with the default model (all six domains)."""
+    if not DEFAULT_DATA.exists():
+        raise FileNotFoundError(f"the default data is missing from {DEFAULT_DATA}; run scripts/train_default_model.py")
+    return load_samples(DEFAULT_DATA, split)
+
+
 def chance_accuracy(samples: Sequence[Mapping[str, Any]], *, how: str = "majority") -> dict[str, float]:
     """Accuracy of guessing without the image, per domain: within each question type (the
     domain itself when there is no ``question_type``) always the most frequent answer

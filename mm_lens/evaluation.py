@@ -8,7 +8,6 @@ temperature 0.9; we don't).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import string
@@ -19,13 +18,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from einops import rearrange, reduce
 from jaxtyping import Bool, Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mm_lens.collect import Sample, sample_column
 from mm_lens.deactivation import deactivation_hooks
 from mm_lens.inputs import format_prompt
+from mm_lens.io import load_tensors, save_tensors
 from mm_lens.neurons import NeuronSet
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -209,19 +208,13 @@ class CrossDomainResult:
         return figure
 
     def save(self, folder: str | os.PathLike) -> None:
-        """``cross_domain.safetensors`` (all matrices) and ``cross_domain.json``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{part}/{metric}": getattr(self, part)[metric].contiguous() for part in ("baseline", "chosen", "random") for metric in METRICS}
-        save_file(tensors, str(folder / "cross_domain.safetensors"))
-        header = {"groups": self.groups, "domains": self.domains, "metadata": self.metadata}
-        (folder / "cross_domain.json").write_text(json.dumps(header, indent=2))
+        """``folder/cross_domain.safetensors``: every matrix, groups, domains and metadata."""
+        tensors = {f"{part}/{metric}": getattr(self, part)[metric] for part in ("baseline", "chosen", "random") for metric in METRICS}
+        save_tensors(Path(folder) / "cross_domain.safetensors", tensors, {"groups": self.groups, "domains": self.domains, "metadata": self.metadata})
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "CrossDomainResult":
-        folder = Path(folder)
-        header = json.loads((folder / "cross_domain.json").read_text())
-        tensors = load_file(str(folder / "cross_domain.safetensors"))
+        tensors, header = load_tensors(Path(folder) / "cross_domain.safetensors")
         parts = {part: {m: tensors[f"{part}/{m}"] for m in METRICS} for part in ("baseline", "chosen", "random")}
         return cls(header["groups"], header["domains"], metadata=header["metadata"], **parts)
 

@@ -7,21 +7,18 @@ layer, and summed per dataset: memory does not grow with the number of samples.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from einops import einsum, reduce, repeat
 from jaxtyping import Bool, Float
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mm_lens.collect import Sample
+from mm_lens.io import load_tensors, save_tensors
 from mm_lens.modality import ModalityMap
 from mm_lens.neurons import NeuronSet
 from mm_lens.specificity import (
@@ -150,19 +147,13 @@ class MinerScores:
         return weighted_score(self.scores, weights, self.metrics)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {"modalities": self.modalities, "datasets": self.datasets, "metrics": list(self.metrics), "metadata": self.metadata}
-        temporary = path.with_name(f".{path.name}.tmp")
-        save_file({"scores": self.scores.contiguous(), "present": self.present.contiguous()}, str(temporary), metadata={"mm_lens": json.dumps(header)})
-        os.replace(temporary, path)
+        save_tensors(path, {"scores": self.scores, "present": self.present}, header)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MinerScores":
-        with safe_open(str(path), framework="pt") as handle:
-            header = json.loads(handle.metadata()["mm_lens"])
-            scores, present = handle.get_tensor("scores"), handle.get_tensor("present")
-        return cls(scores, header["modalities"], header["datasets"], present, header["metadata"], tuple(header["metrics"]))
+        tensors, header = load_tensors(path)
+        return cls(tensors["scores"], header["modalities"], header["datasets"], tensors["present"], header["metadata"], tuple(header["metrics"]))
 
 
 def collect_miner_scores(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 from unittest import mock
 
@@ -24,6 +25,8 @@ from mm_lens.architectures import ArchitectureSpec, spec_for
 from mm_lens.inputs import ImagesPerPrompt, MultimodalBatch, encode
 from mm_lens.modality import ModalityMap, build_modality_map
 
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_MODEL = ASSETS / "default_model"
 _MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 
 
@@ -41,6 +44,17 @@ def _booting_with(spec: ArchitectureSpec) -> Iterator[None]:
             adapters.pop(spec.hf_class, None)
         else:
             adapters[spec.hf_class] = previous
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str | os.PathLike:
+    """``"default"`` -> the shipped model organism's folder; anything else unchanged."""
+    if str(name_or_path) != "default":
+        return name_or_path
+    if not (DEFAULT_MODEL / "config.json").exists():
+        raise FileNotFoundError(
+            f"the default model is missing from {DEFAULT_MODEL}; run scripts/train_default_model.py to build it"
+        )
+    return DEFAULT_MODEL
 
 
 def _load_processor(name_or_path: str | os.PathLike) -> Any:
@@ -84,12 +98,15 @@ class HookedMLLM(torch.nn.Module):
         compatibility_mode: bool = False,
     ) -> "HookedMLLM":
         """Load from a local folder (or a hub name when online), or wrap ``hf_model``.
+        ``"default"`` is the small model organism shipped with mm_lens (trained by
+        ``scripts/train_default_model.py`` on ``mm_lens.data``).
 
         The architecture is checked before anything heavy is loaded. ``hf_model`` is used
         as is (TransformerLens rewires its modules in place); its folder still provides the
         tokenizer and processor unless ``processor`` is given. ``compatibility_mode`` turns
         on TL's weight processing (HookedTransformer numerics; see docs/hooks.md).
         """
+        name_or_path = resolve_model(name_or_path)
         config = hf_model.config if hf_model is not None else AutoConfig.from_pretrained(name_or_path)
         spec = spec_for(config)
         processor = processor if processor is not None else _load_processor(name_or_path)

@@ -15,7 +15,6 @@ images (see docs/patching.md).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mm_lens.inputs import MultimodalBatch
+from mm_lens.io import load_tensors, save_tensors
 from mm_lens.modality import ModalityMap
 
 HOOKS = {
@@ -168,23 +167,18 @@ class PatchingResult:
         return figure
 
     def save(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {"effect": self.effect, "metric": self.metric}
-        tensors |= {f"unit{i}": u.positions for i, u in enumerate(self.units)}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "patching.safetensors"))
+        """``folder/patching.safetensors``: effects, metrics, units and settings."""
+        tensors = {"effect": self.effect, "metric": self.metric} | {f"unit{i}": u.positions for i, u in enumerate(self.units)}
         header = {
             "clean_metric": self.clean_metric, "corrupted_metric": self.corrupted_metric, "layers": self.layers,
             "units": [{"label": u.label, "cell": u.cell} for u in self.units], "hook": self.hook,
             "metric_name": self.metric_name, "metadata": self.metadata,
         }
-        (folder / "patching.json").write_text(json.dumps(header, indent=2))
+        save_tensors(Path(folder) / "patching.safetensors", tensors, header)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "PatchingResult":
-        folder = Path(folder)
-        header = json.loads((folder / "patching.json").read_text())
-        tensors = load_file(str(folder / "patching.safetensors"))
+        tensors, header = load_tensors(Path(folder) / "patching.safetensors")
         units = [
             Unit(tensors[f"unit{i}"], u["label"], None if u["cell"] is None else tuple(u["cell"]))
             for i, u in enumerate(header["units"])

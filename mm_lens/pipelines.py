@@ -18,6 +18,7 @@ from mm_lens.report import HTMLReport
 from mm_lens.statistics import NeuronStats
 from mm_lens.visualize import heatmap_for
 from mm_lens.convergence import ConvergenceResult, analyze_convergence
+from mm_lens.lens import LensSummary, logit_lens_summary
 from mm_lens.modality import MODALITIES
 from mm_lens.evaluation import CrossDomainResult, evaluate_cross_domain
 from mm_lens.modality_neurons import MinerScores, collect_miner_scores, select_modality_neurons
@@ -289,3 +290,42 @@ def folder_report(folder: str | Path) -> Path:
         report.add_heading(picture.stem.replace("_", " "))
         report.add_image(picture)
     return report.save(folder / "report.html")
+
+
+@dataclass
+class LogitLensRun:
+    """The per-domain logit-lens summary of ``run_logit_lens``."""
+
+    summary: LensSummary
+    out: Path
+
+
+def run_logit_lens(
+    model: Any,
+    samples: Sequence[Sample],
+    out: str | Path,
+    *,
+    positions: str = "image",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> LogitLensRun:
+    """Logit lens at image positions of the samples with an image: entropy per layer and
+    domain, most frequent top-1 tokens, three stages; tables, plot and ``report.html``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with_images = [samples[i] for i, image in enumerate(sample_column(samples, "image")) if image is not None]
+    if not with_images:
+        raise ValueError("no sample has an image; the logit lens on image tokens needs some")
+    summary = logit_lens_summary(model, with_images, positions=positions, batch_size=batch_size, progress=progress)
+    summary.save(out / "lens.safetensors")
+    stages = summary.stages()
+    text = summary.table() + "\n\nstages (first layer of stage 2, first layer of stage 3):\n"
+    text += "\n".join(f"  {domain}: {b1}, {b2}" for domain, (b1, b2) in stages.items()) + "\n"
+    (out / "logit_lens.txt").write_text(text)
+    _save_figure(summary.plot(), out / "logit_lens.png")
+    report = HTMLReport("Logit lens on image tokens")
+    report.add_text(f"{len(with_images)} samples; positions: {positions}; final norm and unembedding applied to each layer's residual.")
+    report.add_html(f"<pre>{html.escape(text)}</pre>")
+    report.add_figure(summary.plot(), "Entropy of the lens distribution per layer (± std over positions), stage boundaries dashed")
+    report.save(out / "report.html")
+    return LogitLensRun(summary, out)

@@ -13,19 +13,16 @@ positions: they count in ``image`` and ``all``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from einops import rearrange, reduce
 from jaxtyping import Float, Int
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from mm_lens.io import load_tensors, save_tensors
 from mm_lens.modality import ModalityMap
 
 POSITION_CLASSES: tuple[str, ...] = ("image", "text", "all", "last")
@@ -124,21 +121,14 @@ class NeuronStats:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """One safetensors file (groups, modules and metadata in its header), written
-        atomically: a reader sees the old file or the new one, never a mix."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{i}.{name}": t.contiguous() for i, m in enumerate(self.modules.values()) for name, t in m.tensors().items()}
+        """One safetensors file (groups, modules and metadata in its header), written atomically."""
+        tensors = {f"{i}.{name}": t for i, m in enumerate(self.modules.values()) for name, t in m.tensors().items()}
         header = {"domains": list(self.domains), "classes": list(self.classes), "modules": list(self.modules), "metadata": self.metadata}
-        temporary = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(temporary), metadata={"mm_lens": json.dumps(header)})
-        os.replace(temporary, path)
+        save_tensors(path, tensors, header)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NeuronStats":
-        with safe_open(str(path), framework="pt") as handle:
-            header = json.loads(handle.metadata()["mm_lens"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        tensors, header = load_tensors(path)
         modules = {
             name: ModuleStats(**{f: tensors[f"{i}.{f}"] for f in _FIELDS}) for i, name in enumerate(header["modules"])
         }

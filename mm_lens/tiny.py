@@ -109,9 +109,9 @@ def _save(model, processor, folder: str | Path) -> Path:
     return folder
 
 
-def build_tiny_llava(
-    folder: str | Path,
+def llava_model_and_processor(
     *,
+    anyres: bool = False,
     image_size: int = 28,
     patch_size: int = 7,
     width: int = 32,
@@ -121,29 +121,38 @@ def build_tiny_llava(
     words: Sequence[str] = DEFAULT_WORDS,
     vision_overrides: Mapping[str, Any] | None = None,
     text_overrides: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write a random-initialised ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout).
+    vision_feature_layer: int = -2,
+):
+    """A random-initialised LLaVA-1.5 (``anyres=False``) or LLaVA-NeXT model and its processor.
 
-    ``(image_size // patch_size) ** 2`` image tokens per image (16 by default).
-    ``vision_overrides`` / ``text_overrides`` replace fields of the CLIP / Llama configs
-    (e.g. ``{"intermediate_size": 1408, "vocab_size": 32000}`` for benchmark shapes).
+    ``(image_size // patch_size) ** 2`` image tokens per view. LLaVA-NeXT's grid pinpoints are
+    1x2, 2x1 and 2x2 tiles of ``image_size``: an image gets a base view plus its unpadded
+    high-resolution grid with one image-newline token per row. ``vision_overrides`` /
+    ``text_overrides`` replace fields of the CLIP / Llama configs (e.g. ``{"intermediate_size":
+    1408, "vocab_size": 32000}`` for benchmark shapes).
     """
     tokenizer = build_word_tokenizer(words)
-    config = LlavaConfig(
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    config_class, model_class = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else (LlavaConfig, LlavaForConditionalGeneration)
+    config = config_class(
         vision_config=_vision_config(image_size, patch_size, width, vision_layers, **(vision_overrides or {})),
         text_config=_text_config(len(tokenizer), width, text_layers, tokenizer.pad_token_id, **(text_overrides or {})),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu",
-        vision_feature_layer=-2,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
+        **({"image_grid_pinpoints": pinpoints} if anyres else {}),
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-    )
-    processor = LlavaProcessor(
+    model = model_class(config).eval()
+    sizes = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    if anyres:
+        with torch.no_grad():  # HF initialises image_newline with torch.empty: give it defined values
+            model.model.image_newline.normal_(0.0, 1.0)
+        image_processor, processor_class = LlavaNextImageProcessor(**sizes, image_grid_pinpoints=pinpoints), LlavaNextProcessor
+    else:
+        image_processor, processor_class = CLIPImageProcessor(**sizes), LlavaProcessor
+    processor = processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch_size,
@@ -151,57 +160,19 @@ def build_tiny_llava(
         chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=1,
     )
-    return _save(model, processor, folder)
+    return model, processor
 
 
-def build_tiny_llava_next(
-    folder: str | Path,
-    *,
-    image_size: int = 28,
-    patch_size: int = 7,
-    width: int = 32,
-    vision_layers: int = 2,
-    text_layers: int = 2,
-    seed: int = 0,
-    words: Sequence[str] = DEFAULT_WORDS,
-) -> Path:
-    """Write a random-initialised ``LlavaNextForConditionalGeneration`` with anyres tiling.
+def build_tiny_llava(folder: str | Path, **settings: Any) -> Path:
+    """Write a random-initialised ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout) to
+    ``folder``; ``settings`` as in ``llava_model_and_processor``."""
+    return _save(*llava_model_and_processor(anyres=False, **settings), folder)
 
-    Grid pinpoints are 1x2, 2x1 and 2x2 tiles of ``image_size``, so an image gets a base view
-    of ``(image_size // patch_size) ** 2`` tokens plus its unpadded high-resolution grid with
-    one image-newline token per row.
-    """
-    tokenizer = build_word_tokenizer(words)
-    s = image_size
-    pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
-    config = LlavaNextConfig(
-        vision_config=_vision_config(image_size, patch_size, width, vision_layers),
-        text_config=_text_config(len(tokenizer), width, text_layers, tokenizer.pad_token_id),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_grid_pinpoints=pinpoints,
-    )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    # HF initialises image_newline with torch.empty: give it defined values.
-    with torch.no_grad():
-        model.model.image_newline.normal_(0.0, 1.0)
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_grid_pinpoints=pinpoints,
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
-    return _save(model, processor, folder)
+
+def build_tiny_llava_next(folder: str | Path, **settings: Any) -> Path:
+    """Write a random-initialised ``LlavaNextForConditionalGeneration`` (anyres tiling) to
+    ``folder``; ``settings`` as in ``llava_model_and_processor``."""
+    return _save(*llava_model_and_processor(anyres=True, **settings), folder)
 
 
 TINY_BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next}

@@ -1,24 +1,51 @@
-"""The mm-lens command line runs end to end on a tiny model and writes its results."""
+"""The mm-lens command line runs each analysis end to end on the shipped model organism."""
 
 from __future__ import annotations
 
 import json
 
-from safetensors.torch import load_file
+import pytest
 from typer.testing import CliRunner
 
 from mm_lens.cli import app
+from mm_lens.report import remote_references
 
 
-def test_inspect_writes_summary_and_neuron_means(model_folders, tmp_path):
-    result = CliRunner().invoke(app, ["inspect", "--model", model_folders["llava_next"], "--out", str(tmp_path)])
+def _run(*args: str):
+    result = CliRunner().invoke(app, list(args))
     assert result.exit_code == 0, result.output
+    return result
+
+
+def test_inspect_writes_summary(tmp_path):
+    result = _run("inspect", "--out", str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    modules = {row["module"] for row in summary["neurons"]}
-    assert modules == {"lm_mlp", "vision_mlp", "projector"}
-    means = load_file(str(tmp_path / "neuron_means.safetensors"))
-    assert means["lm_mlp.0.image.mean"].shape == (64,)
+    assert {row["module"] for row in summary["neurons"]} == {"lm_mlp", "vision_mlp", "projector"}
     assert "row 0:" in result.output
+
+
+@pytest.mark.parametrize(
+    "command,extra,files",
+    [
+        ("neurons", ["--limit", "6", "--evaluation-samples", "2", "--seeds", "0"], ["neurons.txt", "evaluation.txt", "neurons_per_layer.png"]),
+        ("miner", ["--limit", "4", "--evaluation-samples", "2", "--seeds", "0", "--ratio", "0.05"], ["neurons.txt", "deactivation.txt", "convergence.png"]),
+        ("logit-lens", ["--limit", "3"], ["logit_lens.txt", "logit_lens.png", "lens.safetensors"]),
+        ("patch", ["--domain", "scene"], ["by_position.png", "by_cell_over_image.png", "pair.json"]),
+    ],
+)
+def test_analysis_command_writes_results_folder(command, extra, files, tmp_path):
+    _run(command, "--out", str(tmp_path), *extra)
+    for name in files + ["report.html"]:
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert not remote_references((tmp_path / "report.html").read_text())
+    _run("report", str(tmp_path))
+
+
+def test_commands_accept_a_dataset_folder(tmp_path):
+    from mm_lens.data import build_dataset
+
+    build_dataset(tmp_path / "data", 4, seed=3)
+    _run("logit-lens", "--data", str(tmp_path / "data"), "--split", "test", "--out", str(tmp_path / "out"))
 
 
 def test_build_tiny_rejects_unknown_arch(tmp_path):

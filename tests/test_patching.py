@@ -9,7 +9,6 @@ from matplotlib.figure import Figure
 from PIL import Image
 from transformer_lens import patching as tl_patching
 
-from conftest import random_image
 from mm_lens.patching import PatchingResult, patch_sweep, with_inputs
 
 
