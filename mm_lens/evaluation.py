@@ -179,13 +179,17 @@ class CrossDomainResult:
     def table(self, metric: str = "accuracy") -> str:
         """Baseline, then per deactivated group: chosen delta and random delta (mean ± std)."""
         chosen, (random_mean, random_std) = self.delta(metric), self.random_delta(metric)
-        width = max(12, *(len(d) + 2 for d in self.domains))
+        rows = [
+            [f"{c:+.3f} (rnd {m:+.3f}±{s:.3f})" for c, m, s in zip(chosen[g].tolist(), random_mean[g].tolist(), random_std[g].tolist())]
+            for g in range(len(self.groups))
+        ]
+        width = max(len(x) for x in [*self.domains, *(cell for row in rows for cell in row)]) + 2
+        label = max(len(g) for g in self.groups) + 6
         lines = [f"{metric}: change when each group's neurons are off (random control: mean ± std over {self.random[metric].shape[0]} seeds)"]
-        lines.append(f"{'':<16}" + "".join(f"{d:>{width + 10}}" for d in self.domains))
-        lines.append(f"{'baseline':<16}" + "".join(f"{v:>{width + 10}.3f}" for v in self.baseline[metric].tolist()))
-        for g, group in enumerate(self.groups):
-            cells = [f"{c:+.3f} (rnd {m:+.3f}±{s:.3f})" for c, m, s in zip(chosen[g].tolist(), random_mean[g].tolist(), random_std[g].tolist())]
-            lines.append(f"{group + ' off':<16}" + "".join(f"{cell:>{width + 10}}" for cell in cells))
+        lines.append(" " * label + "".join(f"{d:>{width}}" for d in self.domains))
+        lines.append(f"{'baseline':<{label}}" + "".join(f"{v:>{width}.3f}" for v in self.baseline[metric].tolist()))
+        for group, cells in zip(self.groups, rows):
+            lines.append(f"{group + ' off':<{label}}" + "".join(f"{cell:>{width}}" for cell in cells))
         return "\n".join(lines)
 
     def plot(self, metric: str = "accuracy"):
