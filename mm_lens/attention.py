@@ -54,6 +54,7 @@ from einops import einsum, rearrange, reduce
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from mm_lens.display import figure_and_axes, text_table
 from mm_lens.io import load_tensors, save_tensors
 from mm_lens.modality import MODALITIES, ModalityMap
 
@@ -201,11 +202,11 @@ class AttentionShare:
             for layer, mean, lows, highs in zip(self.layers, self.by_layer().tolist(), low.tolist(), high.tolist())
         ]
         title = f"share of attention from {self.query} positions (head mean [min-max over heads])"
-        return title + "\n" + _text_table(header, rows)
+        return title + "\n" + text_table(header, rows)
 
     def plot(self, ax: Axes | None = None) -> Figure:
         """One line per modality over layers (head mean), the heads' min-max range shaded."""
-        fig, ax = _figure_and_axes(ax)
+        fig, ax = figure_and_axes(ax)
         low = reduce(self.shares, "layer head modality -> layer modality", "min")
         high = reduce(self.shares, "layer head modality -> layer modality", "max")
         for m, name in enumerate(self.modalities):
@@ -381,12 +382,12 @@ class KnockoutEffect:
             rows += [[f"layer {l}", f"{v:.4f}", f"{d:+.4f}"] for l, v, d in zip(self.layers, self.knocked.tolist(), self.delta.tolist())]
         else:
             rows.append([f"layers {self.layers}", f"{float(self.knocked):.4f}", f"{float(self.delta):+.4f}"])
-        return self.description + "\n" + _text_table(["", "metric", "change"], rows)
+        return self.description + "\n" + text_table(["", "metric", "change"], rows)
 
     def plot(self, ax: Axes | None = None) -> Figure:
         """Per layer: the metric with that layer's edges cut, the clean value as a line
         (all layers at once: two bars)."""
-        fig, ax = _figure_and_axes(ax)
+        fig, ax = figure_and_axes(ax)
         if self.per_layer:
             ax.plot(self.layers, self.knocked.tolist(), marker="o", label="knocked out")
             ax.axhline(float(self.clean), color="gray", linestyle="--", label="clean")
@@ -444,19 +445,3 @@ def knockout_effect(
 
 
 # ---- formatting ------------------------------------------------------------------------
-def _text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned first column, right-aligned others, two spaces apart."""
-    cells = [[str(v) for v in row] for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join(
-        "  ".join([row[0].ljust(widths[0]), *(v.rjust(w) for v, w in zip(row[1:], widths[1:]))]) for row in cells
-    )
-
-
-def _figure_and_axes(ax: Axes | None) -> tuple[Figure, Axes]:
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    return fig, fig.add_subplot()

@@ -41,6 +41,8 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mm_lens.display import figure_and_axes, text_table
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -313,14 +315,14 @@ class NeuronSet:
         totals = [[sum(per_layer[m][i]) for m in self.modules] for i in range(len(labels))]
         rows = [[label, *row, sum(row)] for label, row in zip(labels, totals)]
         blocks = [
-            "neurons per group and module\n" + _text_table(["group", *self.modules, "all"], rows)
+            "neurons per group and module\n" + text_table(["group", *self.modules, "all"], rows)
         ]
         for m in self.modules:
             n = self.n_layers(m)
             header = ["group", "total", *(f"L{layer}" for layer in range(n))]
             rows = [[label, sum(c), *c] for label, c in zip(labels, per_layer[m])]
             title = f"{m}: {n} layers x {self.widths[m]} neurons"
-            blocks.append(f"{title}\n{_text_table(header, rows)}")
+            blocks.append(f"{title}\n{text_table(header, rows)}")
         return "\n\n".join(blocks)
 
     def __repr__(self) -> str:
@@ -511,7 +513,7 @@ class NeuronSet:
         if kind not in ("line", "bar"):
             raise ValueError(f"kind is {kind!r}; pass 'line' or 'bar'")
         counts = self.counts(module)
-        fig, ax = _figure_and_axes(ax)
+        fig, ax = figure_and_axes(ax)
         layers = torch.arange(self.n_layers(module))
         n = len(self.groups)
         for i, g in enumerate(self.groups):
@@ -535,7 +537,7 @@ class NeuronSet:
     ) -> Figure:
         """Heatmap of ``overlap`` (or ``jaccard``) between groups, values written in cells."""
         values = self.jaccard(module) if jaccard else self.overlap(module)
-        fig, ax = _figure_and_axes(ax)
+        fig, ax = figure_and_axes(ax)
         image = ax.imshow(values.double().numpy(), cmap="viridis")
         n = len(self.groups)
         ax.set_xticks(range(n), self.groups, rotation=45, ha="right")
@@ -561,23 +563,3 @@ class NeuronSet:
         for m, ax in zip(self.modules, axes):
             self.plot_layers(m, ax=ax)
         return fig
-
-
-def _text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Left-aligned first column, right-aligned others, two spaces apart."""
-    cells = [[str(v) for v in row] for row in [header, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join(
-        "  ".join([row[0].ljust(widths[0]), *(v.rjust(w) for v, w in zip(row[1:], widths[1:]))])
-        for row in cells
-    )
-
-
-def _figure_and_axes(ax: Axes | None) -> tuple[Figure, Axes]:
-    """A new pyplot-free figure (no display needed) or the figure of ``ax``."""
-    if ax is not None:
-        return ax.figure, ax
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    return fig, fig.add_subplot()
