@@ -515,6 +515,7 @@ class NeuronSet:
         counts = self.counts(module)
         fig, ax = figure_and_axes(ax)
         layers = torch.arange(self.n_layers(module))
+        kind = "bar" if len(layers) == 1 else kind  # one point per series reads better as bars
         n = len(self.groups)
         for i, g in enumerate(self.groups):
             if kind == "line":
@@ -524,7 +525,10 @@ class NeuronSet:
                 ax.bar((layers + offset).tolist(), counts[i].tolist(), width=0.8 / n, label=g)
         from matplotlib.ticker import MaxNLocator
 
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(layers) <= 16:
+            ax.set_xticks(layers.tolist())
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer")
         ax.set_ylabel("neurons")
