@@ -114,6 +114,55 @@ def _tile(inputs: dict[str, Tensor], copies: int) -> dict[str, Tensor]:
     return {k: torch.cat([v] * copies) for k, v in inputs.items()}
 
 
+class _ResumableRun:
+    """One run of a batch that can be resumed at any LM layer: the residual entering each
+    block and the keyword inputs the blocks receive (mask, rotary embeddings, positions) are
+    recorded once; ``logits_from(layer, copies)`` reruns blocks ``layer..`` on ``copies``
+    stacked copies, then the final norm and unembedding, with the model's hooks active."""
+
+    def __init__(self, model: Any, batch: MultimodalBatch):
+        self.bridge = model.bridge
+        blocks = self.bridge.blocks
+        self.rows = batch["input_ids"].shape[0]
+        self.inputs: list[Tensor] = [None] * len(blocks)  # type: ignore[list-item]
+        self.kwargs: dict[str, Any] = {}
+
+        def record(layer: int):
+            def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+                self.inputs[layer] = args[0].detach()
+                if layer == 0:
+                    self.kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "cache_position")}
+            return pre_hook
+
+        handles = [block.register_forward_pre_hook(record(l), with_kwargs=True) for l, block in enumerate(blocks)]
+        try:
+            with torch.no_grad():
+                self.logits = model(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _stack(self, value: Any, copies: int) -> Any:
+        """Copies along the batch axis; tensors broadcast over the batch (leading 1) stay."""
+        if isinstance(value, Tensor):
+            return torch.cat([value] * copies) if value.shape[0] == self.rows else value
+        if isinstance(value, tuple):
+            return tuple(self._stack(v, copies) for v in value)
+        return value
+
+    def logits_from(self, layer: int, copies: int, at: Tensor | None = None) -> Float[Tensor, "batch pos vocab"]:
+        """Logits of the copies, at every position or, with ``at`` ([rows] positions), only
+        there (``[batch, 1, vocab]``: the unembedding is most of a resumed run's cost)."""
+        kwargs = {k: self._stack(v, copies) for k, v in self.kwargs.items()}
+        hidden = self._stack(self.inputs[layer], copies)
+        for block in self.bridge.blocks[layer:]:
+            out = block(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        if at is not None:
+            hidden = hidden[torch.arange(hidden.shape[0]), at.repeat(copies)][:, None]
+        return self.bridge.unembed(self.bridge.ln_final(hidden))
+
+
 @dataclass
 class PatchingResult:
     """``effect[layer, unit]``: normalised metric (0 = corrupted, 1 = clean) with the source
@@ -188,12 +237,14 @@ class PatchingResult:
 
 
 def _metric_fn(name: str | Callable, clean_logits: Tensor, corrupted_logits: Tensor, last: Tensor,
-               answer: Tensor | None, wrong: Tensor | None) -> Callable[[Tensor], Tensor]:
-    """``logits [batch, pos, vocab] -> [batch]`` for a named metric at the last positions."""
+               answer: Tensor | None, wrong: Tensor | None, relative: bool = False) -> Callable[[Tensor], Tensor]:
+    """``logits [batch, pos, vocab] -> [batch]`` for a named metric at the last positions
+    (``relative``: the logits passed in hold only the last positions, ``[batch, 1, vocab]``)."""
     if callable(name):
         return name
     rows = torch.arange(len(last))
     clean_last, corrupted_last = clean_logits[rows, last], corrupted_logits[rows, last]
+    last = torch.zeros_like(last) if relative else last
     answer = clean_last.argmax(-1) if answer is None else answer
     if wrong is None:
         ranked = corrupted_last.topk(2, dim=-1).indices
@@ -225,6 +276,7 @@ def patch_sweep(
     source: str = "clean",
     target: str = "corrupted",
     patches_per_forward: int = 8,
+    fast: bool = True,
     progress: bool = True,
 ) -> PatchingResult:
     """Patch ``hook`` (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``,
@@ -237,6 +289,10 @@ def patch_sweep(
     position: ``logit_diff`` (answer minus wrong token; by default the clean run's top token
     and the corrupted run's best other token), ``prob`` (of the answer), ``kl`` (negative
     KL from the clean distribution), or a callable ``logits -> [batch]``; averaged over rows.
+
+    ``fast`` (default): each patched forward starts at the patched layer from the target
+    run's cached residual instead of recomputing the vision tower and the layers below;
+    ``fast=False`` runs every patch as a full forward, as TransformerLens does (same results).
     """
     check_counterfactual(clean, corrupted)
     if hook not in HOOKS:
@@ -256,12 +312,16 @@ def patch_sweep(
         corrupted_logits, corrupted_cache = model.run_with_cache(corrupted, names_filter=names)
     caches = {"clean": clean_cache, "corrupted": corrupted_cache}
     measure = _metric_fn(metric, clean_logits, corrupted_logits, mm.last, answer_tokens, wrong_tokens)
+    # named metrics read only the last positions: the fast path unembeds just those
+    at_last = fast and not callable(metric)
+    measure_last = _metric_fn(metric, clean_logits, corrupted_logits, mm.last, answer_tokens, wrong_tokens, relative=True) if at_last else measure
     clean_value, corrupted_value = float(measure(clean_logits).mean()), float(measure(corrupted_logits).mean())
     denominator = clean_value - corrupted_value
     if abs(denominator) < 1e-12:
         raise ValueError(f"the {metric} metric is the same on the clean and corrupted runs; nothing to recover")
 
     rows = mm.shape[0]
+    resume = _ResumableRun(model, runs[target]) if fast else None
     raw = torch.zeros(len(layers), len(units))
     chunks = [units[i : i + patches_per_forward] for i in range(0, len(units), patches_per_forward)]
     bar = tqdm(total=len(layers) * len(chunks), desc=f"patching {hook}", disable=not progress, unit="forward")
@@ -269,7 +329,6 @@ def patch_sweep(
         source_act = caches[source][name]
         for ci, chunk in enumerate(chunks):
             copies = len(chunk)
-            tiled = _tile(runs[target].inputs, copies)
 
             def patch(act: Tensor, hook: Any, chunk=chunk) -> Tensor:
                 act = act.clone()
@@ -278,8 +337,13 @@ def patch_sweep(
                 return act
 
             with torch.no_grad():
-                logits = model.run_with_hooks(fwd_hooks=[(name, patch)], **tiled)
-            per_copy = torch.stack([measure(logits[k * rows : (k + 1) * rows]) for k in range(copies)])
+                if resume is None:
+                    logits = model.run_with_hooks(fwd_hooks=[(name, patch)], **_tile(runs[target].inputs, copies))
+                else:
+                    with model.hooks(fwd_hooks=[(name, patch)]):
+                        logits = resume.logits_from(layers[li], copies, at=mm.last if at_last else None)
+            scorer = measure_last if resume is not None else measure
+            per_copy = torch.stack([scorer(logits[k * rows : (k + 1) * rows]) for k in range(copies)])
             start = ci * patches_per_forward
             raw[li, start : start + copies] = per_copy.mean(-1).float()
             bar.update(1)

@@ -36,9 +36,12 @@ def test_patching_every_position_at_layer_zero_restores_clean_logits(model, pair
     _, cache = model.run_with_cache(clean, names_filter="blocks.0.hook_resid_pre")
     patched = model.run_with_hooks(corrupted, fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: cache["blocks.0.hook_resid_pre"])])
     assert torch.equal(patched, model(clean))
-    result = patch_sweep(model, clean, corrupted, layers=[0], positions="all", per="all", metric="kl", progress=False)
-    assert result.effect.shape == (1, 1)
-    assert abs(float(result.effect[0, 0]) - 1.0) < 1e-5
+    naive = patch_sweep(model, clean, corrupted, layers=[0], positions="all", per="all", metric="kl", fast=False, progress=False)
+    assert naive.effect.shape == (1, 1)
+    assert abs(float(naive.effect[0, 0]) - 1.0) < 1e-5
+    # the fast path unembeds the last positions alone: the same up to matmul rounding
+    fast = patch_sweep(model, clean, corrupted, layers=[0], positions="all", per="all", metric="kl", progress=False)
+    assert abs(float(fast.effect[0, 0]) - 1.0) < 1e-3
 
 
 @pytest.mark.parametrize("metric", ["logit_diff", "prob", "kl"])
@@ -125,3 +128,22 @@ def test_result_saves_loads_and_plots(model, pairs, arch, tmp_path):
     loaded = PatchingResult.load(tmp_path)
     assert torch.equal(loaded.effect, result.effect) and [u.label for u in loaded.units] == [u.label for u in result.units]
     assert isinstance(result.plot(), Figure)
+
+
+@pytest.mark.parametrize("hook", ["resid_pre", "resid_post", "attn_out", "mlp_act"])
+def test_fast_path_equals_full_forward_per_patch(model, pairs, arch, hook):
+    clean, corrupted = pairs[arch]
+    fast = patch_sweep(model, clean, corrupted, hook=hook, positions="all", patches_per_forward=5, progress=False)
+    naive = patch_sweep(model, clean, corrupted, hook=hook, positions="all", patches_per_forward=1, fast=False, progress=False)
+    assert torch.allclose(fast.metric, naive.metric, atol=1e-4)
+    assert torch.allclose(fast.effect, naive.effect, atol=1e-4)
+
+
+def test_resumed_run_reproduces_the_model_logits(model, pairs, arch):
+    from mm_lens.patching import _ResumableRun
+
+    clean, _ = pairs[arch]
+    run = _ResumableRun(model, clean)
+    for layer in range(model.cfg.n_layers):
+        assert torch.allclose(run.logits_from(layer, 1), run.logits, atol=1e-5)
+        assert torch.allclose(run.logits_from(layer, 2)[2:], run.logits, atol=1e-5)
