@@ -27,7 +27,6 @@ from mm_lens.modality import ModalityMap, build_modality_map
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "default_model"
-_MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 
 
 @contextlib.contextmanager
@@ -227,7 +226,8 @@ class HookedMLLM(torch.nn.Module):
                 inputs = {"input_ids": batch, **inputs}
             else:
                 inputs = {**dict(batch.items()), **inputs}
-        model_inputs = {k: v for k, v in inputs.items() if k in _MODEL_INPUTS}
+        names = ("input_ids", "attention_mask", *self.spec.image_input_names)
+        model_inputs = {k: v for k, v in inputs.items() if k in names}
         self.modality_map(model_inputs)  # validates counts and layouts
         rest = {k: v for k, v in inputs.items() if k != "input_ids"}
         return inputs["input_ids"], rest

@@ -85,6 +85,18 @@ def images() -> list[Image.Image]:
     return [random_image(30, 50, 0), random_image(60, 20, 1), random_image(40, 40, 2)]
 
 
+def hf_logits_with_act_zeroed(hf_model, batch, layer: int, channels: list[int]) -> torch.Tensor:
+    """An independent reference: HF logits with ``act_fn`` output channels of one LM layer zeroed
+    by a plain PyTorch forward hook."""
+    handle = hf_model.model.language_model.layers[layer].mlp.act_fn.register_forward_hook(
+        lambda module, args, out: out.index_fill(-1, torch.tensor(channels), 0.0)
+    )
+    try:
+        return hf_model(**batch).logits
+    finally:
+        handle.remove()
+
+
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():

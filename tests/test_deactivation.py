@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import hf_logits_with_act_zeroed
 from mm_lens.deactivation import deactivated, deactivation_hooks
 
 LM_HOOK = "blocks.{layer}.mlp.hook_act"
@@ -109,13 +110,7 @@ def test_complementary_deactivates_every_other_neuron_of_the_listed_layers(model
 def test_zeroing_lm_neurons_matches_an_hf_forward_hook_on_act_fn(model, hf_reference, batch, clean):
     channels = [0, 3, 5]
     ours = model.run_with_hooks(batch, fwd_hooks=deactivation_hooks(model, lm_neurons(model, {1: channels})))
-    handle = hf_reference.model.language_model.layers[1].mlp.act_fn.register_forward_hook(
-        lambda module, args, out: out.index_fill(-1, torch.tensor(channels), 0.0)
-    )
-    try:
-        reference = hf_reference(**batch).logits
-    finally:
-        handle.remove()
+    reference = hf_logits_with_act_zeroed(hf_reference, batch, 1, channels)
     mask = batch["attention_mask"].bool()
     assert (ours - reference)[mask].abs().max() <= 1e-5
     assert (ours - clean["logits"])[mask].abs().max() > 1e-4

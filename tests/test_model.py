@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+from conftest import hf_logits_with_act_zeroed
 from mm_lens import HookedMLLM, MultimodalBatch
 
 BATCHES = {
@@ -52,13 +53,7 @@ def test_run_with_hooks_zeroing_neurons_matches_hf_forward_hook(model, hf_refere
         return act
 
     ours = model.run_with_hooks(batch, fwd_hooks=[("blocks.1.mlp.hook_act", zero)])
-    handle = hf_reference.model.language_model.layers[1].mlp.act_fn.register_forward_hook(
-        lambda module, args, out: out.index_fill(-1, torch.tensor(channels), 0.0)
-    )
-    try:
-        reference = hf_reference(**batch).logits
-    finally:
-        handle.remove()
+    reference = hf_logits_with_act_zeroed(hf_reference, batch, 1, channels)
     assert (ours - reference).abs().max() <= 1e-5
     assert (ours - model(batch)).abs().max() > 1e-4
 

@@ -23,6 +23,7 @@ class ArchitectureSpec:
     ``neuron_hooks``: neuron-module name -> hook name, with ``{layer}`` for per-layer modules.
     ``neuron_widths(hf_model)``: neuron-module name -> neurons per layer.
     ``image_layouts(config, inputs)``: one ``ImageLayout`` per image of a batch.
+    ``image_input_names``: the HF keyword inputs that carry the images.
     ``inert_hooks``: hook-name suffixes TransformerLens declares but never fires for this
     architecture outside compatibility mode (listed in docs/hooks.md).
     """
