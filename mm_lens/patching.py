@@ -6,7 +6,7 @@ number of image tokens at the same positions). A sweep replaces, at one layer an
 (a position, an image grid cell, or all chosen positions at once), the target run's
 activation with the source run's, and records a metric at the last position. Effects are
 normalised so that 0 = corrupted and 1 = clean. Several patches run in one forward, as a
-batch of copies of the target inputs.
+batch of copies of the target run resumed at the patched layer.
 
 TransformerLens' own ``transformer_lens.patching`` calls ``model.run_with_hooks(tokens)``
 with tokens only; ``with_inputs(model, batch)`` gives it a model that adds the batch's
