@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from mm_lens.attention import attention_to_modalities, knockout_effect
 from mm_lens.collect import Sample
 from mm_lens.deactivation import deactivated
+from mm_lens.inputs import answer_token_ids, sample_prompt
 from mm_lens.io import load_tensors, save_tensors
+from mm_lens.modality import MODALITIES
 from mm_lens.modality_neurons import modality_masks
 from mm_lens.neurons import NeuronSet
 from mm_lens.similarity import centered_mean_cosine, linear_cka
@@ -42,8 +44,8 @@ class ModalityRepresentations:
         """Cosine of the modality means (over samples) centred by the all-position mean."""
         present = ~self.means.isnan()
         totals = torch.where(present, self.means, 0.0).sum(0)
-        counts = present.sum(0).clamp(min=1)
-        dataset_means = totals / counts
+        counts = present.sum(0)
+        dataset_means = torch.where(counts > 0, totals / counts.clamp(min=1), torch.nan)  # NaN: modality never seen
         return torch.stack([centered_mean_cosine(dataset_means[l], self.center[l]) for l in range(self.center.shape[0])])
 
     def cka(self) -> Float[Tensor, "layer modality modality"]:
@@ -67,27 +69,31 @@ def modality_representations(
     neurons_off: NeuronSet | None = None,
     batch_size: int = 8,
 ) -> ModalityRepresentations:
-    """Per-sample, per-layer mean residual of each modality (prefill, after each block)."""
-    n_layers = model.cfg.n_layers
-    names = [f"blocks.{l}.hook_resid_post" for l in range(n_layers)]
-    rows, center_sum, center_count = [], torch.zeros(n_layers, model.cfg.d_model, dtype=torch.float64), 0
+    """Per-sample, per-layer mean residual of each modality (prefill, after each block),
+    reduced inside the hooks layer by layer; results on the CPU."""
+    n_layers, width = model.cfg.n_layers, model.cfg.d_model
+    rows, center_sum, center_count = [], torch.zeros(n_layers, width, dtype=torch.float64), 0
     for start in range(0, len(samples), batch_size):
         chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
         batch = model.prepare_inputs([s["question"] for s in chunk], [s.get("image") for s in chunk])
-        with torch.no_grad(), _switched_off(model, neurons_off):
-            _, cache = model.run_with_cache(batch, names_filter=names)
-        resid = torch.stack([cache[n] for n in names], dim=1).double()  # [batch, layer, pos, d]
         masks = modality_masks(batch.modality_map, modalities)
-        keep = ~batch.modality_map.mask("padding")
-        center_sum += torch.einsum("blpd,bp->ld", resid, keep.double())
+        keep = (~batch.modality_map.mask("padding")).float()
+        means = torch.full((len(chunk), n_layers, len(modalities), width), torch.nan)
+
+        def reduce_layer(resid: Tensor, hook: Any) -> None:
+            layer, act = int(hook.name.split(".")[1]), resid.float()
+            center_sum[layer] += torch.einsum("bpd,bp->d", act, keep.to(act.device)).double().cpu()
+            for m, name in enumerate(modalities):
+                weights = masks[name].to(act.device).float()
+                counts = weights.sum(1, keepdim=True)
+                means[:, layer, m] = (torch.einsum("bpd,bp->bd", act, weights) / counts).cpu()  # NaN where absent
+
+        hooks = [(f"blocks.{l}.hook_resid_post", reduce_layer) for l in range(n_layers)]
+        with torch.no_grad(), _switched_off(model, neurons_off):
+            model.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
         center_count += int(keep.sum())
-        for b in range(resid.shape[0]):
-            per_modality = [
-                resid[b][:, masks[m][b]].mean(1) if masks[m][b].any() else torch.full((n_layers, resid.shape[-1]), torch.nan, dtype=torch.float64)
-                for m in modalities
-            ]
-            rows.append(torch.stack(per_modality, dim=1))
-    return ModalityRepresentations(torch.stack(rows).float(), (center_sum / center_count).float(), list(modalities))
+        rows.append(means)
+    return ModalityRepresentations(torch.cat(rows), (center_sum / center_count).float(), list(modalities))
 
 
 def _switched_off(model: Any, neurons: NeuronSet | None):
@@ -170,12 +176,14 @@ class ConvergenceResult:
 def _first_answer_logprob(model: Any, chunk: Sequence[Sample], last: Tensor):
     """Metric for knockout: mean log-probability of each answer's first token at the last
     prompt position."""
-    tokenizer = model.processor.tokenizer
-    first = torch.tensor([tokenizer(" " + s["answer"], add_special_tokens=False)["input_ids"][0] for s in chunk])
+    first = torch.tensor([
+        answer_token_ids(model.processor, sample_prompt(model.processor, s["question"], s.get("image")), s["answer"])[0]
+        for s in chunk
+    ])
     rows = torch.arange(len(chunk))
 
     def metric(logits: Tensor) -> Tensor:
-        return logits[rows, last].log_softmax(-1)[rows, first].mean()
+        return logits[rows, last].float().log_softmax(-1)[rows, first].mean()
 
     return metric
 
@@ -195,6 +203,9 @@ def analyze_convergence(
     Knockout cuts the last token's attention to one modality at one layer and records the
     mean log-probability of the answer's first token.
     """
+    not_positional = [m for m in modalities if m not in MODALITIES]
+    if not_positional:
+        raise ValueError(f"convergence curves need ModalityMap modalities ({', '.join(MODALITIES)}), not {not_positional}")
     conditions = {"baseline": None} | ({} if neurons is None else {"neurons_off": neurons})
     curves = {}
     steps = len(conditions) * ((len(samples) + batch_size - 1) // batch_size)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mm_lens.collect import Sample, sample_column
 from mm_lens.deactivation import deactivation_hooks
-from mm_lens.inputs import format_prompt
+from mm_lens.inputs import answer_token_ids, sample_prompt
 from mm_lens.io import load_tensors, save_tensors
 from mm_lens.neurons import NeuronSet
 
@@ -46,12 +46,6 @@ class AnswerScores:
     predictions: list[str]
 
 
-def _n_images(image: Any) -> int:
-    if image is None:
-        return 0
-    return len(image) if isinstance(image, (list, tuple)) else 1
-
-
 def _greedy_answers(model: Any, batch: Any, hooks: list, max_new_tokens: int) -> list[str]:
     """Greedy continuation of each prompt (HF ``generate`` with the hooks active)."""
     tokenizer = model.processor.tokenizer
@@ -70,14 +64,10 @@ def _greedy_answers(model: Any, batch: Any, hooks: list, max_new_tokens: int) ->
 def _teacher_forced(model: Any, chunk: Sequence[Sample], deactivate: Mapping[str, Any] | None):
     """Sum of the answer tokens' log-probabilities and the last layer's residual at the last
     prompt position, with the prompt and the answer in one left-padded forward."""
-    tokenizer = model.processor.tokenizer
     images = [s.get("image") for s in chunk]
-    texts = [
-        format_prompt(model.processor, s["question"], _n_images(img), chat=True) + " " + s["answer"]
-        for s, img in zip(chunk, images)
-    ]
-    batch = model.prepare_inputs(texts, images, chat=False)
-    lengths = [len(tokenizer(" " + s["answer"], add_special_tokens=False)["input_ids"]) for s in chunk]
+    prompts = [sample_prompt(model.processor, s["question"], img) for s, img in zip(chunk, images)]
+    batch = model.prepare_inputs([p + " " + s["answer"] for p, s in zip(prompts, chunk)], images, chat=False)
+    lengths = [len(answer_token_ids(model.processor, p, s["answer"])) for p, s in zip(prompts, chunk)]
     final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     saved = {}
 
@@ -129,8 +119,8 @@ def score_answers(
         hidden.append(final)
     return AnswerScores(
         correct=torch.tensor(correct, dtype=torch.bool),
-        answer_logprob=torch.cat(logprobs).double(),
-        final_hidden=torch.cat(hidden).double(),
+        answer_logprob=torch.cat(logprobs).double().cpu(),
+        final_hidden=torch.cat(hidden).double().cpu(),
         predictions=predictions,
     )
 
@@ -252,7 +242,8 @@ def evaluate_cross_domain(
     groups: list[str | None] = list(neuron_set.groups) + ([None] if include_union else [])
     runs = [("baseline", None, None)]
     runs += [("chosen", group, neuron_set) for group in groups]
-    runs += [(f"random{seed}", group, neuron_set.random_control(seed)) for seed in seeds for group in groups]
+    controls = {seed: neuron_set.random_control(seed) for seed in seeds}
+    runs += [(f"random{seed}", group, controls[seed]) for seed in seeds for group in groups]
 
     def run(neurons: NeuronSet | None, group: str | None, baseline: AnswerScores | None):
         deactivate = None if neurons is None else {

@@ -83,13 +83,36 @@ def encode(
     """Tokenise prompts and preprocess images with the HF processor (one padded batch)."""
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, one per sample")
+    if len(prompts) == 0:
+        raise ValueError("no prompts: pass at least one")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     image_lists = _as_image_lists(images, len(prompts))
     texts = [format_prompt(processor, p, len(imgs), chat) for p, imgs in zip(prompts, image_lists)]
     flat_images = [image.convert("RGB") for imgs in image_lists for image in imgs]
-    processor.tokenizer.padding_side = padding_side
-    encoded = processor(
-        text=texts, images=flat_images or None, return_tensors="pt", padding=True
-    )
+    tokenizer, previous = processor.tokenizer, processor.tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        encoded = processor(text=texts, images=flat_images or None, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = previous
     return dict(encoded)
+
+
+def sample_prompt(processor: Any, question: str, images: ImagesPerPrompt) -> str:
+    """The chat prompt of one sample, as ``prepare_inputs`` builds it."""
+    return format_prompt(processor, question, len(_as_image_lists([images], 1)[0]), chat=True)
+
+
+def answer_token_ids(processor: Any, prompt: str, answer: str) -> list[int]:
+    """Token ids the answer adds after ``prompt`` (a formatted prompt string): tokenising the
+    answer alone would differ for SentencePiece tokenizers (a lone leading-space token).
+    An empty answer adds none."""
+    if not answer.strip():
+        return []
+    tokenizer = processor.tokenizer
+    before = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    after = tokenizer(prompt + " " + answer, add_special_tokens=False)["input_ids"]
+    if after[: len(before)] != before or len(after) == len(before):
+        raise ValueError(f"the answer {answer!r} does not tokenise as a continuation of the prompt")
+    return after[len(before) :]

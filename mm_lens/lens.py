@@ -51,13 +51,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from einops import rearrange
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mm_lens.collect import Sample, sample_column
 from mm_lens.io import load_tensors, save_tensors
-from mm_lens.modality import MODALITIES, ModalityMap
+from mm_lens.modality import position_mask
 
 RESIDUAL_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 COMPONENT_KINDS: tuple[str, ...] = ("attn_out", "mlp_out")
@@ -298,24 +298,6 @@ def three_stages(curve: Float[Tensor, "layer"], min_layers: int | None = None) -
 
 
 # ---- the model edge -------------------------------------------------------------------
-def position_mask(mm: ModalityMap, positions: str | Sequence[str] | Tensor) -> Bool[Tensor, "batch pos"]:
-    """Positions to read: modality names (``"image"``, ``("image", "text")``), ``"last"`` (the
-    last prompt position of each row), ``"all"`` (every non-padding position) or a
-    ``[batch, pos]`` bool mask."""
-    if isinstance(positions, Tensor):
-        if positions.dtype != torch.bool or tuple(positions.shape) != mm.shape:
-            raise ValueError(f"a positions mask must be a bool tensor of the batch's shape {mm.shape}, got {positions.dtype} {tuple(positions.shape)}")
-        return positions.cpu()
-    names = [positions] if isinstance(positions, str) else list(positions)
-    unknown = [n for n in names if n not in MODALITIES + ("last", "all")]
-    if unknown or not names:
-        raise ValueError(f"unknown positions {unknown or names}; pass modality names ({', '.join(MODALITIES)}), 'last', 'all' or a [batch, pos] bool mask")
-    mask = torch.zeros(mm.shape, dtype=torch.bool)
-    for name in names:
-        mask |= mm.last_mask() if name == "last" else ~mm.mask("padding") if name == "all" else mm.mask(name)
-    return mask
-
-
 def final_norm_and_unembed(model: Any) -> tuple[Norm, Tensor, Tensor | None]:
     """The model's real final norm (the HF module), ``W_U`` ``[d_model, vocab]`` (a view of
     ``lm_head.weight``, tied or not) and ``b_U`` (None when ``lm_head`` has no bias)."""

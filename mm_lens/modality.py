@@ -95,7 +95,8 @@ class ModalityMap:
     def last_mask(self) -> Bool[Tensor, "batch pos"]:
         """The last non-padding position of every row."""
         mask = torch.zeros(self.shape, dtype=torch.bool)
-        mask[torch.arange(self.shape[0]), self.last] = True
+        rows = torch.nonzero(self.last >= 0).flatten()  # an all-padding row has no last position
+        mask[rows, self.last[rows]] = True
         return mask
 
     def image_positions(self, image: int) -> tuple[int, Int[Tensor, "token"]]:
@@ -117,6 +118,7 @@ class ModalityMap:
                 f"values have shape {tuple(values.shape)} but the batch is {self.shape}; "
                 "pass one value per position"
             )
+        values = values.detach().cpu()
         grids = self.grids[image]
         if not 0 <= view < len(grids):
             raise ValueError(f"image {image} has {len(grids)} view(s); view {view} does not exist")
@@ -140,6 +142,24 @@ class ModalityMap:
             images = sorted(int(i) for i in self.image[b].unique() if i >= 0)
             lines.append(f"row {b}: {counts}; images {images}; last={int(self.last[b])}")
         return "\n".join(lines)
+
+
+def position_mask(mm: ModalityMap, positions: str | Sequence[str] | Tensor) -> Bool[Tensor, "batch pos"]:
+    """Positions to read: modality names (``"image"``, ``("image", "text")``), ``"last"`` (the
+    last prompt position of each row), ``"all"`` (every non-padding position) or a
+    ``[batch, pos]`` bool mask."""
+    if isinstance(positions, Tensor):
+        if positions.dtype != torch.bool or tuple(positions.shape) != mm.shape:
+            raise ValueError(f"a positions mask must be a bool tensor of the batch's shape {mm.shape}, got {positions.dtype} {tuple(positions.shape)}")
+        return positions.cpu()
+    names = [positions] if isinstance(positions, str) else list(positions)
+    unknown = [n for n in names if n not in MODALITIES + ("last", "all")]
+    if unknown or not names:
+        raise ValueError(f"unknown positions {unknown or names}; pass modality names ({', '.join(MODALITIES)}), 'last', 'all' or a [batch, pos] bool mask")
+    mask = torch.zeros(mm.shape, dtype=torch.bool)
+    for name in names:
+        mask |= mm.last_mask() if name == "last" else ~mm.mask("padding") if name == "all" else mm.mask(name)
+    return mask
 
 
 def build_modality_map(

@@ -58,7 +58,7 @@ def _unmasked_attention(q: Tensor, k: Tensor, keep: Bool[Tensor, "pos"]) -> Floa
     heads, kv_heads = q.shape[1], k.shape[1]
     k = repeat(k, "pos kv d -> pos (kv group) d", group=heads // kv_heads)
     scores = einsum(q.float(), k.float(), "q head d, k head d -> head q k") / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~keep[None, None, :], -torch.inf)
+    scores = scores.masked_fill(~keep.to(scores.device)[None, None, :], -torch.inf)
     return reduce(scores.softmax(-1), "head q k -> q k", "mean")
 
 
@@ -100,11 +100,12 @@ class MinerScoreCollector:
 
         def score_layer(act: Tensor, hook: Any) -> None:
             layer = _layer(hook)
+            pattern = None if self.published_attention else attention.pop(layer)  # free it as soon as used
             for b in range(batch_size):
                 if self.published_attention:
                     row_attention = _unmasked_attention(saved["hook_rot_q"][b], saved["hook_rot_k"][b], keep[b])
                 else:
-                    row_attention = attention[layer][b]
+                    row_attention = pattern[b]
                 for m in self.modalities:
                     where = masks[m][b]
                     if not where.any():

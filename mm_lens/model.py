@@ -227,8 +227,10 @@ class HookedMLLM(torch.nn.Module):
             else:
                 inputs = {**dict(batch.items()), **inputs}
         names = ("input_ids", "attention_mask", *self.spec.image_input_names)
-        model_inputs = {k: v for k, v in inputs.items() if k in names}
-        self.modality_map(model_inputs)  # validates counts and layouts
+        # a MultimodalBatch was checked when its map was built; anything else is checked here
+        already_checked = isinstance(batch, MultimodalBatch) and not any(k in names for k in inputs)
+        if not already_checked:
+            self.modality_map({k: v for k, v in inputs.items() if k in names})
         rest = {k: v for k, v in inputs.items() if k != "input_ids"}
         return inputs["input_ids"], rest
 
@@ -276,10 +278,6 @@ class HookedMLLM(torch.nn.Module):
         return self.bridge.hooks(
             fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks), reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts
         )
-
-    @property
-    def hook_dict(self):
-        return self.bridge.hook_dict
 
     def __repr__(self) -> str:
         return f"HookedMLLM({self.spec.hf_class}, layers={self.cfg.n_layers}, d_model={self.cfg.d_model})"

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mm_lens.inputs import MultimodalBatch
 from mm_lens.io import load_tensors, save_tensors
-from mm_lens.modality import ModalityMap
+from mm_lens.modality import ModalityMap, position_mask
 
 HOOKS = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
@@ -69,17 +69,7 @@ class Unit:
 
 def _units(mm: ModalityMap, positions: str | Sequence[str] | Tensor, per: str, cell_size: int) -> list[Unit]:
     """The patch units of a batch whose rows all place the chosen positions alike."""
-    if isinstance(positions, Tensor):
-        chosen = positions.bool()
-    elif positions == "last":
-        chosen = mm.last_mask()
-    elif positions == "all":
-        chosen = ~mm.mask("padding")
-    else:
-        names = (positions,) if isinstance(positions, str) else tuple(positions)
-        chosen = mm.mask(*names)
-    if chosen.shape != mm.shape:
-        raise ValueError(f"positions mask has shape {tuple(chosen.shape)}; the batch is {list(mm.shape)}")
+    chosen = position_mask(mm, positions)
     if not (chosen == chosen[0]).all():
         raise ValueError(
             "the chosen positions differ between rows; patch one row at a time or use prompts "
@@ -243,20 +233,20 @@ def _metric_fn(name: str | Callable, clean_logits: Tensor, corrupted_logits: Ten
     if callable(name):
         return name
     rows = torch.arange(len(last))
-    clean_last, corrupted_last = clean_logits[rows, last], corrupted_logits[rows, last]
+    clean_last, corrupted_last = clean_logits[rows, last].float(), corrupted_logits[rows, last].float()
     last = torch.zeros_like(last) if relative else last
     answer = clean_last.argmax(-1) if answer is None else answer
     if wrong is None:
         ranked = corrupted_last.topk(2, dim=-1).indices
         wrong = torch.where(ranked[:, 0] == answer, ranked[:, 1], ranked[:, 0])
     if name == "logit_diff":
-        return lambda logits: logits[rows, last, answer] - logits[rows, last, wrong]
+        return lambda logits: logits[rows, last, answer].float() - logits[rows, last, wrong].float()
     if name == "prob":
-        return lambda logits: logits[rows, last].softmax(-1)[rows, answer]
+        return lambda logits: logits[rows, last].float().softmax(-1)[rows, answer]
     if name == "kl":
         reference = clean_last.log_softmax(-1)
         # negative KL(clean || patched): rises to 0 as the patched run recovers the clean one
-        return lambda logits: -(reference.exp() * (reference - logits[rows, last].log_softmax(-1))).sum(-1)
+        return lambda logits: -(reference.exp() * (reference - logits[rows, last].float().log_softmax(-1))).sum(-1)
     raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)} or pass a callable")
 
 
@@ -343,9 +333,10 @@ def patch_sweep(
                     with model.hooks(fwd_hooks=[(name, patch)]):
                         logits = resume.logits_from(layers[li], copies, at=mm.last if at_last else None)
             scorer = measure_last if resume is not None else measure
-            per_copy = torch.stack([scorer(logits[k * rows : (k + 1) * rows]) for k in range(copies)])
+            # a metric may return [rows] or one number: either way one value per patch
+            per_copy = torch.stack([torch.as_tensor(scorer(logits[k * rows : (k + 1) * rows])).float().mean() for k in range(copies)])
             start = ci * patches_per_forward
-            raw[li, start : start + copies] = per_copy.mean(-1).float()
+            raw[li, start : start + copies] = per_copy.cpu()
             bar.update(1)
     bar.close()
     return PatchingResult(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from PIL import Image
 
 from mm_lens.collect import Sample, collect_neuron_stats, sample_column
 from mm_lens.domain_neurons import select_domain_neurons
@@ -18,9 +19,10 @@ from mm_lens.report import HTMLReport
 from mm_lens.statistics import NeuronStats
 from mm_lens.visualize import heatmap_for
 from mm_lens.convergence import ConvergenceResult, analyze_convergence
+from mm_lens.inputs import answer_token_ids, sample_prompt
 from mm_lens.lens import LensSummary, logit_lens_summary
 from mm_lens.modality import MODALITIES
-from mm_lens.evaluation import CrossDomainResult, evaluate_cross_domain
+from mm_lens.evaluation import METRICS, CrossDomainResult, evaluate_cross_domain
 from mm_lens.modality_neurons import MinerScores, collect_miner_scores, select_modality_neurons
 from mm_lens.neurons import NeuronSet
 from mm_lens.patching import PatchingResult, patch_sweep
@@ -104,7 +106,7 @@ def run_domain_neurons(
         batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
     )
     evaluation.save(out / "evaluation")
-    (out / "evaluation.txt").write_text("\n\n".join(evaluation.table(m) for m in ("accuracy", "answer_logprob", "hidden_change")) + "\n")
+    (out / "evaluation.txt").write_text("\n\n".join(evaluation.table(m) for m in METRICS) + "\n")
     _save_figure(evaluation.plot("accuracy"), out / "evaluation_accuracy.png")
     _save_figure(evaluation.plot("answer_logprob"), out / "evaluation_logprob.png")
 
@@ -115,7 +117,7 @@ def run_domain_neurons(
     report.add_figure(neurons.plot(), "Domain-specific neurons over layers, per module")
     report.add_figure(neurons.plot_overlap(overlap_module), "Neurons shared between domains")
     report.add_heading("Switching each domain's neurons off, against matched random neurons")
-    for metric in ("accuracy", "answer_logprob", "hidden_change"):
+    for metric in METRICS:
         report.add_html(f"<pre>{html.escape(evaluation.table(metric))}</pre>")
     report.add_figure(evaluation.plot("accuracy"), "Change of greedy exact-match accuracy")
     report.add_figure(evaluation.plot("answer_logprob"), "Change of answer log-probability")
@@ -168,7 +170,7 @@ def run_miner(
     )
     deactivation.save(out / "deactivation")
     (out / "deactivation.txt").write_text(
-        "\n\n".join(deactivation.table(metric) for metric in ("accuracy", "answer_logprob", "hidden_change")) + "\n"
+        "\n\n".join(deactivation.table(metric) for metric in METRICS) + "\n"
     )
     _save_figure(deactivation.plot("accuracy"), out / "deactivation_accuracy.png")
     _save_figure(deactivation.plot("answer_logprob"), out / "deactivation_logprob.png")
@@ -188,7 +190,7 @@ def run_miner(
     report.add_figure(neurons.plot_layers("lm_mlp"), "Modality-specific neurons over layers")
     report.add_figure(neurons.plot_overlap(), "Neurons shared between modalities")
     report.add_heading("Switching them off, against matched random neurons")
-    for metric in ("accuracy", "answer_logprob", "hidden_change"):
+    for metric in METRICS:
         report.add_html(f"<pre>{html.escape(deactivation.table(metric))}</pre>")
     report.add_figure(deactivation.plot("accuracy"), "Change of accuracy per dataset")
     report.add_heading("Convergence of modalities over layers")
@@ -216,11 +218,11 @@ def counterfactual_pair(samples: Sequence[Sample], domain: str | None = None) ->
         if domain is not None and first != domain:
             continue
         a = samples[i]
-        if a["image"] is None:
+        if not isinstance(a.get("image"), Image.Image):
             continue
         for j in range(i + 1, len(domains)):
             b = samples[j]
-            if (domains[j] == first and b["image"] is not None and b["question"] == a["question"]
+            if (domains[j] == first and isinstance(b.get("image"), Image.Image) and b["question"] == a["question"]
                     and b["answer"] != a["answer"] and b["image"].size == a["image"].size):
                 return a, b
     where = f"domain {domain!r}" if domain else "any domain"
@@ -244,9 +246,9 @@ def run_patching(
     clean_sample, corrupted_sample = counterfactual_pair(samples, domain)
     clean = model.prepare_inputs([clean_sample["question"]], [clean_sample["image"]])
     corrupted = model.prepare_inputs([corrupted_sample["question"]], [corrupted_sample["image"]])
-    tokenizer = model.processor.tokenizer
-    answer = torch.tensor([tokenizer(" " + clean_sample["answer"], add_special_tokens=False)["input_ids"][0]])
-    wrong = torch.tensor([tokenizer(" " + corrupted_sample["answer"], add_special_tokens=False)["input_ids"][0]])
+    prompt = sample_prompt(model.processor, clean_sample["question"], clean_sample["image"])
+    answer = torch.tensor(answer_token_ids(model.processor, prompt, clean_sample["answer"])[:1])
+    wrong = torch.tensor(answer_token_ids(model.processor, prompt, corrupted_sample["answer"])[:1])
     answers = {"answer_tokens": answer, "wrong_tokens": wrong} if metric == "logit_diff" else {}
     by_position = patch_sweep(model, clean, corrupted, hook=hook, positions="all", metric=metric, progress=progress, **answers)
     by_cell = patch_sweep(model, clean, corrupted, hook=hook, positions="image", per="cell", metric=metric, progress=progress, **answers)

@@ -139,11 +139,16 @@ class NeuronStats:
         in place: sums for counts and moments, max and min for the extremes."""
         import torch.distributed as dist
 
+        # NCCL reduces CUDA tensors only: the CPU totals travel through the GPU and back
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
         for stats in self.modules.values():
-            for name in ("over_zero", "sum", "sum_sq", "n_tokens"):
-                dist.all_reduce(getattr(stats, name), op=dist.ReduceOp.SUM)
-            dist.all_reduce(stats.max, op=dist.ReduceOp.MAX)
-            dist.all_reduce(stats.min, op=dist.ReduceOp.MIN)
+            for name in _FIELDS:
+                tensor = getattr(stats, name)
+                moved = tensor if device is None else tensor.to(device)
+                op = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}.get(name, dist.ReduceOp.SUM)
+                dist.all_reduce(moved, op=op)
+                if device is not None:
+                    tensor.copy_(moved.cpu())
 
 
 class NeuronStatsCollector:
@@ -211,8 +216,8 @@ class NeuronStatsCollector:
             for start, end, destinations in spans:
                 values = rows[start:end]
                 wide = values.double()
-                fired, total, squares = (values > 0).sum(0), wide.sum(0), (wide * wide).sum(0)
-                high, low = values.amax(0).double(), values.amin(0).double()
+                reduced = ((values > 0).sum(0), wide.sum(0), (wide * wide).sum(0), values.amax(0).double(), values.amin(0).double())
+                fired, total, squares, high, low = (t.to(stats.sum.device) for t in reduced)  # totals live on the CPU
                 for d, c in destinations:
                     stats.over_zero[layer, d, c] += fired
                     stats.sum[layer, d, c] += total

@@ -95,3 +95,22 @@ def test_missing_processor_is_a_clear_error(model_folders, tmp_path):
         (folder / name).unlink(missing_ok=True)
     with pytest.raises(ValueError, match="could not load a processor"):
         HookedMLLM.from_pretrained(folder)
+
+
+def test_empty_prompt_list_is_rejected(model):
+    with pytest.raises(ValueError, match="no prompts"):
+        model.prepare_inputs([])
+
+
+def test_padding_side_of_the_tokenizer_is_left_as_it_was(model, images):
+    before = model.processor.tokenizer.padding_side
+    model.prepare_inputs(["what", "how many are there"], [images[0], None], padding_side="right" if before == "left" else "left")
+    assert model.processor.tokenizer.padding_side == before
+
+
+def test_answer_tokens_are_the_continuation_of_the_prompt(model, images):
+    from mm_lens.inputs import answer_token_ids, sample_prompt
+
+    prompt = sample_prompt(model.processor, "what is the color", images[0])
+    ids = answer_token_ids(model.processor, prompt, "red car")
+    assert model.processor.tokenizer.convert_ids_to_tokens(ids) == ["red", "car"]

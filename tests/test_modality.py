@@ -138,3 +138,11 @@ def test_tile_rows_follow_vision_hook_leading_axis(model, images):
     assert torch.equal(mm.tile_rows(), expected_first)
     features_per_tile = cache["vision_projector.hook_out"].shape[1]
     assert int(mm.feature.max()) < tiles * features_per_tile
+
+
+def test_all_padding_row_has_no_last_position():
+    ids = torch.tensor([[1, 5, 6], [0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1], [0, 0, 0]])
+    mm = build_modality_map(ids, mask, image_token_id=9, special_token_ids=[0, 1], layouts=[])
+    assert mm.last.tolist() == [2, -1]
+    assert mm.last_mask().tolist() == [[False, False, True], [False, False, False]]

@@ -147,3 +147,15 @@ def test_resumed_run_reproduces_the_model_logits(model, pairs, arch):
     for layer in range(model.cfg.n_layers):
         assert torch.allclose(run.logits_from(layer, 1), run.logits, atol=1e-5)
         assert torch.allclose(run.logits_from(layer, 2)[2:], run.logits, atol=1e-5)
+
+
+def test_a_metric_returning_one_number_is_measured_per_patch(model, pairs, arch):
+    clean, corrupted = pairs[arch]
+    last = clean.modality_map.last
+
+    def scalar(logits):
+        return logits[torch.arange(len(last)), last].float().logsumexp(-1).mean()
+
+    together = patch_sweep(model, clean, corrupted, positions="text", metric=scalar, patches_per_forward=4, progress=False)
+    alone = patch_sweep(model, clean, corrupted, positions="text", metric=scalar, patches_per_forward=1, fast=False, progress=False)
+    assert torch.allclose(together.metric, alone.metric, atol=1e-4)
