@@ -34,10 +34,11 @@ QUESTION = ("describe the picture what is the color of the shape in this image h
             "left right top bottom which domain is this picture a road a field a page or a scan")
 
 
-def build_model(quick: bool) -> tuple[HookedMLLM, torch.nn.Module]:
-    """The bridged model and a separate bare HF copy of the same weights (eager attention)."""
+def build_model(quick: bool, attention: str = "eager") -> tuple[HookedMLLM, torch.nn.Module]:
+    """The bridged model and a separate bare HF copy of the same weights (``attention``:
+    the bare copy's attention implementation, ``eager`` or ``sdpa``)."""
     folder = build_tiny_llava(Path(tempfile.mkdtemp(prefix="mm_lens_bench_")), **(QUICK if quick else FULL))
-    bare = transformers.AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    bare = transformers.AutoModelForImageTextToText.from_pretrained(folder, attn_implementation=attention).eval()
     return HookedMLLM.from_pretrained(folder), bare
 
 
