@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch.distributed as dist
 from tqdm.auto import tqdm
@@ -25,6 +25,17 @@ def sample_column(samples: Sequence[Sample], name: str) -> list[Any]:
         return [sample[name] for sample in samples]
     except KeyError as error:
         raise ValueError(f"a sample has no {name!r} field; samples need question, image and domain") from error
+
+
+def prompt_batch(model: Any, chunk: Sequence[Sample]) -> Any:
+    """The model batch of some samples' questions and images (chat template, left padding)."""
+    return model.prepare_inputs([s["question"] for s in chunk], [s.get("image") for s in chunk])
+
+
+def sample_chunks(samples: Sequence[Sample], batch_size: int) -> Iterator[tuple[int, list[Sample]]]:
+    """``(start index, samples)`` of consecutive chunks of ``batch_size`` samples."""
+    for start in range(0, len(samples), batch_size):
+        yield start, [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -80,7 +91,7 @@ def collect_neuron_stats(
     bar = tqdm(total=len(batches), initial=done, desc="neuron statistics", disable=not progress or rank != 0, unit="batch")
     for number, indices in enumerate(batches[done:], start=done + 1):
         chunk = [samples[i] for i in indices]
-        batch = model.prepare_inputs([s["question"] for s in chunk], [s.get("image") for s in chunk])
+        batch = prompt_batch(model, chunk)
         collector.update(batch, [s["domain"] for s in chunk])
         bar.update(1)
         if path is not None and (number % checkpoint_every == 0 or number == len(batches)):

@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mm_lens.attention import attention_to_modalities, knockout_effect
-from mm_lens.collect import Sample
+from mm_lens.collect import Sample, prompt_batch, sample_chunks
 from mm_lens.deactivation import deactivated
 from mm_lens.inputs import answer_token_ids, sample_prompt
 from mm_lens.io import load_tensors, save_tensors
@@ -73,9 +73,8 @@ def modality_representations(
     reduced inside the hooks layer by layer; results on the CPU."""
     n_layers, width = model.cfg.n_layers, model.cfg.d_model
     rows, center_sum, center_count = [], torch.zeros(n_layers, width, dtype=torch.float64), 0
-    for start in range(0, len(samples), batch_size):
-        chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
-        batch = model.prepare_inputs([s["question"] for s in chunk], [s.get("image") for s in chunk])
+    for _, chunk in sample_chunks(samples, batch_size):
+        batch = prompt_batch(model, chunk)
         masks = modality_masks(batch.modality_map, modalities)
         keep = (~batch.modality_map.mask("padding")).float()
         means = torch.full((len(chunk), n_layers, len(modalities), width), torch.nan)
@@ -213,9 +212,8 @@ def analyze_convergence(
     for condition, off in conditions.items():
         representations = modality_representations(model, samples, modalities, neurons_off=off, batch_size=batch_size)
         attention, knocked, clean, rows = 0.0, 0.0, 0.0, 0
-        for start in range(0, len(samples), batch_size):
-            chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
-            batch = model.prepare_inputs([s["question"] for s in chunk], [s.get("image") for s in chunk])
+        for _, chunk in sample_chunks(samples, batch_size):
+            batch = prompt_batch(model, chunk)
             metric = _first_answer_logprob(model, chunk, batch.modality_map.last)
             with torch.no_grad(), _switched_off(model, off):
                 share = attention_to_modalities(model, batch, query="last", modalities=tuple(modalities)).by_layer()

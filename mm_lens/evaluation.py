@@ -21,7 +21,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mm_lens.collect import Sample, sample_column
+from mm_lens.collect import Sample, prompt_batch, sample_chunks, sample_column
 from mm_lens.deactivation import deactivation_hooks
 from mm_lens.inputs import answer_token_ids, sample_prompt
 from mm_lens.io import load_tensors, save_tensors
@@ -107,10 +107,9 @@ def score_answers(
     ``positions``, ...); hooks are rebuilt per batch with that batch's ModalityMap.
     """
     correct, logprobs, hidden, predictions = [], [], [], []
-    starts = range(0, len(samples), batch_size)
-    for start in tqdm(starts, desc="answers", disable=not progress, unit="batch"):
-        chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
-        prompt = model.prepare_inputs([s["question"] for s in chunk], [s.get("image") for s in chunk])
+    chunks = list(sample_chunks(samples, batch_size))
+    for _, chunk in tqdm(chunks, desc="answers", disable=not progress, unit="batch"):
+        prompt = prompt_batch(model, chunk)
         answers = _greedy_answers(model, prompt, _hooks(model, prompt, deactivate), max_new_tokens)
         predictions += answers
         correct += [normalize_answer(a) == normalize_answer(s["answer"]) for a, s in zip(answers, chunk)]

@@ -55,7 +55,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mm_lens.collect import Sample, sample_column
+from mm_lens.collect import Sample, prompt_batch, sample_chunks, sample_column
 from mm_lens.io import load_tensors, save_tensors
 from mm_lens.modality import position_mask
 
@@ -643,12 +643,11 @@ def logit_lens_summary(
     counts: list[list[Counter]] = [[Counter() for _ in layer_list] for _ in domain_list]
     tokenizer = model.processor.tokenizer
 
-    starts = range(0, len(labels), batch_size)
-    for start in tqdm(starts, desc="logit lens", disable=not progress, unit="batch"):
-        chunk = [samples[i] for i in range(start, min(start + batch_size, len(labels)))]
+    chunks = list(sample_chunks(samples, batch_size))
+    for start, chunk in tqdm(chunks, desc="logit lens", disable=not progress, unit="batch"):
         index = torch.tensor([domain_list.index(labels[i]) for i in range(start, start + len(chunk))])
         n_samples += torch.bincount(index, minlength=n_domains)
-        batch = model.prepare_inputs([s["question"] for s in chunk], [s.get("image") for s in chunk])
+        batch = prompt_batch(model, chunk)
         if not position_mask(batch.modality_map, positions).any():
             continue
         lens = logit_lens(model, batch, hooks=hook, positions=positions, layers=layer_list, k=k,

@@ -17,7 +17,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mm_lens.collect import Sample
+from mm_lens.collect import Sample, prompt_batch, sample_chunks
 from mm_lens.io import load_tensors, save_tensors
 from mm_lens.modality import ModalityMap
 from mm_lens.neurons import NeuronSet
@@ -174,9 +174,8 @@ def collect_miner_scores(
     total = sum((len(s) + batch_size - 1) // batch_size for s in datasets.values())
     bar = tqdm(total=total, desc="MINER scores", disable=not progress, unit="batch")
     for name, samples in datasets.items():
-        for start in range(0, len(samples), batch_size):
-            chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
-            collector.update(model.prepare_inputs([s["question"] for s in chunk], [s.get("image") for s in chunk]), name)
+        for _, chunk in sample_chunks(samples, batch_size):
+            collector.update(prompt_batch(model, chunk), name)
             bar.update(1)
     bar.close()
     names = [n for n in datasets if n in collector.accumulators]

@@ -50,6 +50,11 @@ class MinerRun:
     out: Path
 
 
+def _with_images(samples: Sequence[Sample]) -> list[Sample]:
+    """The samples that have an image."""
+    return [samples[i] for i, image in enumerate(sample_column(samples, "image")) if image is not None]
+
+
 def _save_figure(figure: Any, path: Path) -> None:
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
@@ -86,8 +91,7 @@ def run_domain_neurons(
     samples of each domain. Writes tables, tensors, plots and ``report.html``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    has_image = [image is not None for image in sample_column(samples, "image")]
-    with_images = [samples[i] for i, keep in enumerate(has_image) if keep]
+    with_images = _with_images(samples)
     if not with_images:
         raise ValueError("no sample has an image; domain-specific neurons are found on image samples")
     stats = collect_neuron_stats(
@@ -97,9 +101,9 @@ def run_domain_neurons(
     neurons = select_domain_neurons(stats, top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio)
     neurons.save(out / "neurons")
     (out / "neurons.txt").write_text(neurons.table() + "\n")
-    _save_figure(neurons.plot(), out / "neurons_per_layer.png")
-    overlap_module = "lm_mlp" if "lm_mlp" in neurons.modules else None
-    _save_figure(neurons.plot_overlap(overlap_module), out / "neurons_overlap.png")
+    layers_figure, overlap_figure = neurons.plot(), neurons.plot_overlap("lm_mlp" if "lm_mlp" in neurons.modules else None)
+    _save_figure(layers_figure, out / "neurons_per_layer.png")
+    _save_figure(overlap_figure, out / "neurons_overlap.png")
 
     evaluation = evaluate_cross_domain(
         model, _first_per_domain(with_images, evaluation_samples), neurons, seeds=seeds, mode=mode,
@@ -107,20 +111,21 @@ def run_domain_neurons(
     )
     evaluation.save(out / "evaluation")
     (out / "evaluation.txt").write_text("\n\n".join(evaluation.table(m) for m in METRICS) + "\n")
-    _save_figure(evaluation.plot("accuracy"), out / "evaluation_accuracy.png")
-    _save_figure(evaluation.plot("answer_logprob"), out / "evaluation_logprob.png")
+    accuracy_figure, logprob_figure = evaluation.plot("accuracy"), evaluation.plot("answer_logprob")
+    _save_figure(accuracy_figure, out / "evaluation_accuracy.png")
+    _save_figure(logprob_figure, out / "evaluation_logprob.png")
 
     report = HTMLReport("Domain-specific neurons (MMNeuron)")
     report.add_text(f"Model: {getattr(model.cfg, 'model_name', '?')}; {len(with_images)} image samples; domains: {', '.join(stats.domains)}.")
     report.add_heading("Neurons per domain, module and layer")
     report.add_html(f"<pre>{html.escape(neurons.table())}</pre>")
-    report.add_figure(neurons.plot(), "Domain-specific neurons over layers, per module")
-    report.add_figure(neurons.plot_overlap(overlap_module), "Neurons shared between domains")
+    report.add_figure(layers_figure, "Domain-specific neurons over layers, per module")
+    report.add_figure(overlap_figure, "Neurons shared between domains")
     report.add_heading("Switching each domain's neurons off, against matched random neurons")
     for metric in METRICS:
         report.add_html(f"<pre>{html.escape(evaluation.table(metric))}</pre>")
-    report.add_figure(evaluation.plot("accuracy"), "Change of greedy exact-match accuracy")
-    report.add_figure(evaluation.plot("answer_logprob"), "Change of answer log-probability")
+    report.add_figure(accuracy_figure, "Change of greedy exact-match accuracy")
+    report.add_figure(logprob_figure, "Change of answer log-probability")
     report.save(out / "report.html")
     return DomainNeuronRun(stats, neurons, evaluation, out)
 
@@ -158,8 +163,9 @@ def run_miner(
     neurons = select_modality_neurons(scores, weights=weights, ratio=ratio, strategy=strategy)
     neurons.save(out / "neurons")
     (out / "neurons.txt").write_text(neurons.table() + "\n\noverlap between modalities\n" + str(neurons.overlap().tolist()) + "\n")
-    _save_figure(neurons.plot_layers("lm_mlp"), out / "neurons_per_layer.png")
-    _save_figure(neurons.plot_overlap(), out / "neurons_overlap.png")
+    layers_figure, overlap_figure = neurons.plot_layers("lm_mlp"), neurons.plot_overlap()
+    _save_figure(layers_figure, out / "neurons_per_layer.png")
+    _save_figure(overlap_figure, out / "neurons_overlap.png")
 
     evaluation = [
         dict(s, domain=name) for name, samples in datasets.items() for s in list(samples)[:evaluation_samples]
@@ -172,7 +178,8 @@ def run_miner(
     (out / "deactivation.txt").write_text(
         "\n\n".join(deactivation.table(metric) for metric in METRICS) + "\n"
     )
-    _save_figure(deactivation.plot("accuracy"), out / "deactivation_accuracy.png")
+    accuracy_figure = deactivation.plot("accuracy")
+    _save_figure(accuracy_figure, out / "deactivation_accuracy.png")
     _save_figure(deactivation.plot("answer_logprob"), out / "deactivation_logprob.png")
 
     with_answers = [s for s in evaluation if s.get("answer")]
@@ -180,22 +187,23 @@ def run_miner(
     convergence = analyze_convergence(model, with_answers, modalities=positional, neurons=neurons, batch_size=batch_size, progress=progress)
     convergence.save(out / "convergence")
     (out / "convergence.txt").write_text(convergence.table() + "\n")
-    _save_figure(convergence.plot(), out / "convergence.png")
+    convergence_figure = convergence.plot()
+    _save_figure(convergence_figure, out / "convergence.png")
 
     report = HTMLReport("Modality-specific neurons (MINER)")
     report.add_text(f"Datasets: {', '.join(f'{k} ({len(v)})' for k, v in datasets.items())}; modalities: {', '.join(modalities)}; "
                     f"ratio {ratio}, strategy {strategy}.")
     report.add_heading("Neurons per modality and layer")
     report.add_html(f"<pre>{html.escape(neurons.table())}</pre>")
-    report.add_figure(neurons.plot_layers("lm_mlp"), "Modality-specific neurons over layers")
-    report.add_figure(neurons.plot_overlap(), "Neurons shared between modalities")
+    report.add_figure(layers_figure, "Modality-specific neurons over layers")
+    report.add_figure(overlap_figure, "Neurons shared between modalities")
     report.add_heading("Switching them off, against matched random neurons")
     for metric in METRICS:
         report.add_html(f"<pre>{html.escape(deactivation.table(metric))}</pre>")
-    report.add_figure(deactivation.plot("accuracy"), "Change of accuracy per dataset")
+    report.add_figure(accuracy_figure, "Change of accuracy per dataset")
     report.add_heading("Convergence of modalities over layers")
     report.add_html(f"<pre>{html.escape(convergence.table())}</pre>")
-    report.add_figure(convergence.plot(), "Solid: as is; dashed: modality-specific neurons off")
+    report.add_figure(convergence_figure, "Solid: as is; dashed: modality-specific neurons off")
     report.save(out / "report.html")
     return MinerRun(scores, neurons, deactivation, convergence, out)
 
@@ -260,7 +268,8 @@ def run_patching(
     (out / "pair.json").write_text(json.dumps({"clean": {k: clean_sample[k] for k in ("question", "answer", "domain")},
                                                "corrupted": {k: corrupted_sample[k] for k in ("question", "answer", "domain")},
                                                "description": description}, indent=2))
-    _save_figure(by_position.plot(), out / "by_position.png")
+    position_figure = by_position.plot()
+    _save_figure(position_figure, out / "by_position.png")
     strongest = by_cell.layers[int(by_cell.effect.abs().sum(1).argmax())]
     mm = clean.modality_map
     figure = heatmap_for(model, clean, by_cell.position_values(strongest, mm.shape), image_index=0, view=0,
@@ -269,7 +278,7 @@ def run_patching(
 
     report = HTMLReport("Activation patching across images")
     report.add_text(description)
-    report.add_figure(by_position.plot(), "Effect per layer and position (0 = corrupted, 1 = clean)")
+    report.add_figure(position_figure, "Effect per layer and position (0 = corrupted, 1 = clean)")
     report.add_figure(figure, f"Effect per image cell at layer {strongest}, over the clean picture")
     report.add_figure(by_cell.plot(), "Effect per layer and image cell")
     report.save(out / "report.html")
@@ -315,7 +324,7 @@ def run_logit_lens(
     domain, most frequent top-1 tokens, three stages; tables, plot and ``report.html``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with_images = [samples[i] for i, image in enumerate(sample_column(samples, "image")) if image is not None]
+    with_images = _with_images(samples)
     if not with_images:
         raise ValueError("no sample has an image; the logit lens on image tokens needs some")
     summary = logit_lens_summary(model, with_images, positions=positions, batch_size=batch_size, progress=progress)
@@ -324,10 +333,11 @@ def run_logit_lens(
     text = summary.table() + "\n\nstages (first layer of stage 2, first layer of stage 3):\n"
     text += "\n".join(f"  {domain}: {b1}, {b2}" for domain, (b1, b2) in stages.items()) + "\n"
     (out / "logit_lens.txt").write_text(text)
-    _save_figure(summary.plot(), out / "logit_lens.png")
+    figure = summary.plot()
+    _save_figure(figure, out / "logit_lens.png")
     report = HTMLReport("Logit lens on image tokens")
     report.add_text(f"{len(with_images)} samples; positions: {positions}; final norm and unembedding applied to each layer's residual.")
     report.add_html(f"<pre>{html.escape(text)}</pre>")
-    report.add_figure(summary.plot(), "Entropy of the lens distribution per layer (± std over positions), stage boundaries dashed")
+    report.add_figure(figure, "Entropy of the lens distribution per layer (± std over positions), stage boundaries dashed")
     report.save(out / "report.html")
     return LogitLensRun(summary, out)
