@@ -181,6 +181,10 @@ class CrossDomainResult:
             lines.append(f"{group + ' off':<{label}}" + "".join(f"{cell:>{width}}" for cell in cells))
         return "\n".join(lines)
 
+    def tables(self) -> str:
+        """``table`` of every metric, one after the other."""
+        return "\n\n".join(self.table(metric) for metric in METRICS)
+
     def plot(self, metric: str = "accuracy"):
         """Heatmaps of the change with the chosen neurons off and with random ones off."""
         from matplotlib.figure import Figure

@@ -3,7 +3,6 @@ metadata (JSON) and plots (PNG). The command line runs these."""
 
 from __future__ import annotations
 
-import html
 import json
 
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from mm_lens.convergence import ConvergenceResult, analyze_convergence
 from mm_lens.inputs import answer_token_ids, sample_prompt
 from mm_lens.lens import LensSummary, logit_lens_summary
 from mm_lens.modality import MODALITIES
-from mm_lens.evaluation import METRICS, CrossDomainResult, evaluate_cross_domain
+from mm_lens.evaluation import CrossDomainResult, evaluate_cross_domain
 from mm_lens.modality_neurons import MinerScores, collect_miner_scores, select_modality_neurons
 from mm_lens.neurons import NeuronSet
 from mm_lens.patching import PatchingResult, patch_sweep
@@ -110,7 +109,7 @@ def run_domain_neurons(
         batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
     )
     evaluation.save(out / "evaluation")
-    (out / "evaluation.txt").write_text("\n\n".join(evaluation.table(m) for m in METRICS) + "\n")
+    (out / "evaluation.txt").write_text(evaluation.tables() + "\n")
     accuracy_figure, logprob_figure = evaluation.plot("accuracy"), evaluation.plot("answer_logprob")
     _save_figure(accuracy_figure, out / "evaluation_accuracy.png")
     _save_figure(logprob_figure, out / "evaluation_logprob.png")
@@ -118,12 +117,11 @@ def run_domain_neurons(
     report = HTMLReport("Domain-specific neurons (MMNeuron)")
     report.add_text(f"Model: {getattr(model.cfg, 'model_name', '?')}; {len(with_images)} image samples; domains: {', '.join(stats.domains)}.")
     report.add_heading("Neurons per domain, module and layer")
-    report.add_html(f"<pre>{html.escape(neurons.table())}</pre>")
+    report.add_preformatted(neurons.table())
     report.add_figure(layers_figure, "Domain-specific neurons over layers, per module")
     report.add_figure(overlap_figure, "Neurons shared between domains")
     report.add_heading("Switching each domain's neurons off, against matched random neurons")
-    for metric in METRICS:
-        report.add_html(f"<pre>{html.escape(evaluation.table(metric))}</pre>")
+    report.add_preformatted(evaluation.tables())
     report.add_figure(accuracy_figure, "Change of greedy exact-match accuracy")
     report.add_figure(logprob_figure, "Change of answer log-probability")
     report.save(out / "report.html")
@@ -176,7 +174,7 @@ def run_miner(
     )
     deactivation.save(out / "deactivation")
     (out / "deactivation.txt").write_text(
-        "\n\n".join(deactivation.table(metric) for metric in METRICS) + "\n"
+        deactivation.tables() + "\n"
     )
     accuracy_figure = deactivation.plot("accuracy")
     _save_figure(accuracy_figure, out / "deactivation_accuracy.png")
@@ -194,15 +192,14 @@ def run_miner(
     report.add_text(f"Datasets: {', '.join(f'{k} ({len(v)})' for k, v in datasets.items())}; modalities: {', '.join(modalities)}; "
                     f"ratio {ratio}, strategy {strategy}.")
     report.add_heading("Neurons per modality and layer")
-    report.add_html(f"<pre>{html.escape(neurons.table())}</pre>")
+    report.add_preformatted(neurons.table())
     report.add_figure(layers_figure, "Modality-specific neurons over layers")
     report.add_figure(overlap_figure, "Neurons shared between modalities")
     report.add_heading("Switching them off, against matched random neurons")
-    for metric in METRICS:
-        report.add_html(f"<pre>{html.escape(deactivation.table(metric))}</pre>")
+    report.add_preformatted(deactivation.tables())
     report.add_figure(accuracy_figure, "Change of accuracy per dataset")
     report.add_heading("Convergence of modalities over layers")
-    report.add_html(f"<pre>{html.escape(convergence.table())}</pre>")
+    report.add_preformatted(convergence.table())
     report.add_figure(convergence_figure, "Solid: as is; dashed: modality-specific neurons off")
     report.save(out / "report.html")
     return MinerRun(scores, neurons, deactivation, convergence, out)
@@ -296,7 +293,7 @@ def folder_report(folder: str | Path) -> Path:
     report = HTMLReport(f"mm_lens results: {folder.name}")
     for table in tables:
         report.add_heading(table.stem.replace("_", " "))
-        report.add_html(f"<pre>{html.escape(table.read_text())}</pre>")
+        report.add_preformatted(table.read_text())
     for picture in pictures:
         report.add_heading(picture.stem.replace("_", " "))
         report.add_image(picture)
@@ -337,7 +334,7 @@ def run_logit_lens(
     _save_figure(figure, out / "logit_lens.png")
     report = HTMLReport("Logit lens on image tokens")
     report.add_text(f"{len(with_images)} samples; positions: {positions}; final norm and unembedding applied to each layer's residual.")
-    report.add_html(f"<pre>{html.escape(text)}</pre>")
+    report.add_preformatted(text)
     report.add_figure(figure, "Entropy of the lens distribution per layer (± std over positions), stage boundaries dashed")
     report.save(out / "report.html")
     return LogitLensRun(summary, out)

@@ -95,6 +95,11 @@ class HTMLReport:
             self._parts.append(f"<p>{html.escape(paragraph).replace(chr(10), '<br>')}</p>")
         return self
 
+    def add_preformatted(self, text: str) -> HTMLReport:
+        """Plain text kept as laid out (a text table), escaped."""
+        self._parts.append(f"<pre>{html.escape(str(text))}</pre>")
+        return self
+
     def add_table(
         self,
         rows: Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]],

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
@@ -155,12 +156,10 @@ LLAVA = ArchitectureSpec(
     image_input_names=("pixel_values",),
     inert_hooks=INERT_HOOKS,
 )
-LLAVA_NEXT = ArchitectureSpec(
+LLAVA_NEXT = replace(
+    LLAVA,
     hf_class="LlavaNextForConditionalGeneration",
     adapter=LlavaNextNeuronAdapter,
-    neuron_hooks=NEURON_HOOKS,
-    neuron_widths=neuron_widths,
     image_layouts=llava_next_layouts,
     image_input_names=("pixel_values", "image_sizes"),
-    inert_hooks=INERT_HOOKS,
 )
