@@ -28,8 +28,14 @@ def sample_column(samples: Sequence[Sample], name: str) -> list[Any]:
 
 
 def prompt_batch(model: Any, chunk: Sequence[Sample]) -> Any:
-    """The model batch of some samples' questions and images (chat template, left padding)."""
-    return model.prepare_inputs([s["question"] for s in chunk], [s.get("image") for s in chunk])
+    """The model batch of some samples' questions and media (chat template, left padding):
+    ``image``, and where any sample has one, ``video`` (frames) and ``audio`` (waveform)."""
+    media = {
+        keyword: [s.get(field) for s in chunk]
+        for keyword, field in (("videos", "video"), ("audios", "audio"))
+        if any(s.get(field) is not None for s in chunk)
+    }
+    return model.prepare_inputs([s["question"] for s in chunk], [s.get("image") for s in chunk], **media)
 
 
 def sample_chunks(samples: Sequence[Sample], batch_size: int) -> Iterator[tuple[int, list[Sample]]]:

@@ -54,7 +54,7 @@ def _greedy_answers(model: Any, batch: Any, hooks: list, max_new_tokens: int) ->
             **batch.inputs,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            suppress_tokens=[model.hf_model.config.image_token_id],
+            suppress_tokens=list(model.spec.token_ids(model.hf_model.config).values()),
             pad_token_id=tokenizer.pad_token_id,
         )
     new_tokens = generated[:, batch["input_ids"].shape[1] :]

@@ -34,41 +34,60 @@ class MultimodalBatch(Mapping):
 
 
 ImagesPerPrompt = Sequence[Image.Image] | Image.Image | None
+# A video is a list of frames (PIL images) or a [frames, height, width, 3] array; an audio
+# clip a 1-d waveform (numpy array) at the feature extractor's sampling rate.
+MediaPerPrompt = Sequence[Any] | Any | None
+
+# modality -> (keyword of the HF processor call, attribute naming the placeholder token)
+_PROCESSOR_KEYWORDS = {"image": ("images", "image_token"), "video": ("videos", "video_token"), "audio": ("audio", "audio_token")}
 
 
-def _as_image_lists(images: Sequence[ImagesPerPrompt] | None, n_prompts: int) -> list[list[Image.Image]]:
-    if images is None:
+def _is_single(entry: Any, modality: str) -> bool:
+    if modality == "image":
+        return isinstance(entry, Image.Image)
+    if modality == "audio":
+        return getattr(entry, "ndim", None) == 1
+    return getattr(entry, "ndim", None) == 4 or (isinstance(entry, Sequence) and bool(entry) and isinstance(entry[0], Image.Image))
+
+
+def _as_lists(entries: Sequence[MediaPerPrompt] | None, n_prompts: int, modality: str = "image") -> list[list[Any]]:
+    """One list of items per prompt from ``entries`` (per prompt: an item, a list, or None)."""
+    if entries is None:
         return [[] for _ in range(n_prompts)]
-    if len(images) != n_prompts:
+    if len(entries) != n_prompts:
         raise ValueError(
-            f"{n_prompts} prompts but {len(images)} image entries; pass one entry per prompt "
-            "(an image, a list of images, or None)"
+            f"{n_prompts} prompts but {len(entries)} {modality} entries; pass one entry per prompt "
+            f"(a {modality}, a list of them, or None)"
         )
-    lists = []
-    for entry in images:
-        if entry is None:
-            lists.append([])
-        elif isinstance(entry, Image.Image):
-            lists.append([entry])
-        else:
-            lists.append(list(entry))
-    return lists
+    return [[] if entry is None else [entry] if _is_single(entry, modality) else list(entry) for entry in entries]
 
 
-def format_prompt(processor: Any, text: str, n_images: int, chat: bool) -> str:
-    """The prompt string for one sample: through the processor's chat template (one image
-    entry per image, then the text) or, with ``chat=False``, ``text`` as given."""
-    image_token = processor.image_token
+def _placeholder(processor: Any, modality: str) -> str:
+    token = getattr(processor, _PROCESSOR_KEYWORDS[modality][1], None)
+    if token is None:
+        raise ValueError(f"the {type(processor).__name__} has no {modality} token: this model takes no {modality} input")
+    return token
+
+
+def format_prompt(processor: Any, text: str, n_images: int, chat: bool, *, n_videos: int = 0, n_audios: int = 0) -> str:
+    """The prompt string for one sample: through the processor's chat template (one entry
+    per image, video and audio clip, then the text) or, with ``chat=False``, ``text`` as
+    given (checked to hold one placeholder token per item)."""
+    counts = {"image": n_images, "video": n_videos, "audio": n_audios}
     if not chat:
-        if text.count(image_token) != n_images:
-            raise ValueError(
-                f"prompt has {text.count(image_token)} {image_token} tokens but {n_images} images "
-                f"were given; put one {image_token} per image in the prompt, or use chat=True"
-            )
+        for modality, n in counts.items():
+            if not n and getattr(processor, _PROCESSOR_KEYWORDS[modality][1], None) is None:
+                continue
+            token = _placeholder(processor, modality)
+            if text.count(token) != n:
+                raise ValueError(
+                    f"prompt has {text.count(token)} {token} tokens but {n} {modality}s were given; "
+                    f"put one {token} per {modality} in the prompt, or use chat=True"
+                )
         return text
     if getattr(processor, "chat_template", None) is None:
-        raise ValueError("the processor has no chat template; pass chat=False and write the image tokens yourself")
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+        raise ValueError("the processor has no chat template; pass chat=False and write the placeholder tokens yourself")
+    content = [{"type": modality} for modality, n in counts.items() for _ in range(n)] + [{"type": "text", "text": text}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
@@ -77,23 +96,35 @@ def encode(
     prompts: Sequence[str],
     images: Sequence[ImagesPerPrompt] | None,
     *,
+    videos: Sequence[MediaPerPrompt] | None = None,
+    audios: Sequence[MediaPerPrompt] | None = None,
     chat: bool = True,
     padding_side: str = "left",
 ) -> dict[str, torch.Tensor]:
-    """Tokenise prompts and preprocess images with the HF processor (one padded batch)."""
+    """Tokenise prompts and preprocess images, videos and audio with the HF processor (one
+    padded batch). Each of ``images``/``videos``/``audios`` has one entry per prompt."""
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, one per sample")
     if len(prompts) == 0:
         raise ValueError("no prompts: pass at least one")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
-    image_lists = _as_image_lists(images, len(prompts))
-    texts = [format_prompt(processor, p, len(imgs), chat) for p, imgs in zip(prompts, image_lists)]
-    flat_images = [image.convert("RGB") for imgs in image_lists for image in imgs]
+    lists = {m: _as_lists(entries, len(prompts), m) for m, entries in (("image", images), ("video", videos), ("audio", audios))}
+    for modality, per_prompt in lists.items():
+        if any(per_prompt):
+            _placeholder(processor, modality)
+    texts = [
+        format_prompt(processor, p, len(lists["image"][i]), chat, n_videos=len(lists["video"][i]), n_audios=len(lists["audio"][i]))
+        for i, p in enumerate(prompts)
+    ]
+    media = {
+        _PROCESSOR_KEYWORDS[m][0]: [item.convert("RGB") if m == "image" else item for items in per_prompt for item in items]
+        for m, per_prompt in lists.items()
+    }
     tokenizer, previous = processor.tokenizer, processor.tokenizer.padding_side
     tokenizer.padding_side = padding_side
     try:
-        encoded = processor(text=texts, images=flat_images or None, return_tensors="pt", padding=True)
+        encoded = processor(text=texts, **{k: v for k, v in media.items() if v}, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = previous
     return dict(encoded)
@@ -101,7 +132,7 @@ def encode(
 
 def sample_prompt(processor: Any, question: str, images: ImagesPerPrompt) -> str:
     """The chat prompt of one sample, as ``prepare_inputs`` builds it."""
-    return format_prompt(processor, question, len(_as_image_lists([images], 1)[0]), chat=True)
+    return format_prompt(processor, question, len(_as_lists([images], 1)[0]), chat=True)
 
 
 def answer_token_ids(processor: Any, prompt: str, answer: str) -> list[int]:

@@ -1,15 +1,16 @@
-"""Which position of a batch is text, image (which image, tile, patch), special or padding.
+"""Which position of a batch is text, image (which image, tile, patch), video, audio,
+special or padding.
 
-A ``ModalityMap`` is built from the token ids of a batch and, for every image, an
-``ImageLayout`` that says where each of that image's feature tokens comes from, in the order
-the HF model writes them into the sequence. All per-position fields are ``[batch, pos]``
-tensors; ``-1`` marks "not applicable".
+A ``ModalityMap`` is built from the token ids of a batch and, for every media item (image,
+video or audio clip), an ``ImageLayout`` that says where each of that item's feature tokens
+comes from, in the order the HF model writes them into the sequence. All per-position
+fields are ``[batch, pos]`` tensors; ``-1`` marks "not applicable".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -27,14 +28,18 @@ def modality_code(name: str) -> int:
 
 @dataclass(frozen=True)
 class ImageLayout:
-    """Origin of each feature token of one image, in the order HF inserts them.
+    """Origin of each feature token of one media item, in the order HF inserts them.
 
-    ``tile``: 0 for the base view, k >= 1 for high-resolution tile k (anyres), -1 for an
-    image-newline token. ``row``/``col``: cell of the view's patch grid (view 0 = base grid,
-    view 1 = unpadded high-resolution grid); -1 for a CLS feature or a newline column.
-    ``feature``: index into this image's projector output flattened over (tile, patch);
-    -1 for a newline. ``grids``: (rows, cols) of each view. ``n_tiles``: crops the vision
-    tower encodes for this image (1, or 1 + high-resolution tiles for anyres).
+    ``tile``: 0 for the base view, k >= 1 for high-resolution tile k (anyres, or crop k of a
+    split image), the frame group for a video, -1 for an image-newline token.
+    ``row``/``col``: cell of the view's patch grid (view 0 = base grid, view 1 = the
+    high-resolution grid); -1 for a CLS feature, a newline column, a Q-Former query or an
+    audio frame. ``feature``: index into this item's projector output flattened over its
+    leading axes; -1 for a newline. ``grids``: (rows, cols) of each view (empty for audio).
+    ``n_tiles``: this item's share of the encoder hooks' leading axis, in units: the crops it
+    takes (LLaVA), or its merged tokens where the encoder packs all patches into one sequence
+    (Qwen2-VL). Encoder hook rows are split between items in proportion to ``n_tiles``.
+    ``modality``: ``"image"``, ``"video"`` or ``"audio"``.
     """
 
     tile: Int[Tensor, "token"]
@@ -45,6 +50,7 @@ class ImageLayout:
     grids: tuple[tuple[int, int], ...]
     n_features: int
     n_tiles: int = 1
+    modality: str = "image"
 
     def __len__(self) -> int:
         return int(self.tile.shape[0])
@@ -52,13 +58,14 @@ class ImageLayout:
 
 @dataclass(frozen=True)
 class ModalityMap:
-    """Per-position modality and image coordinates of one batch.
+    """Per-position modality and media coordinates of one batch.
 
-    ``feature`` is the row of the projector output (``vision_projector.hook_out`` flattened
-    over its two leading axes) that HF placed at the position. ``image_row[i]`` is the batch
-    row holding image ``i``; ``image_tiles[i]`` the number of vision-tower crops it takes
-    (the leading axis of vision and projector hooks is these crops, image after image);
-    ``grids[i]`` its views' (rows, cols).
+    Media items (images, then videos, then audio clips, each kind in prompt order) share one
+    index: ``image`` holds it at every feature position. ``feature`` is the row of that
+    modality's projector output (flattened over its leading axes) that HF placed at the
+    position. ``image_row[i]`` is the batch row holding item ``i``; ``image_tiles[i]`` its
+    units of the encoder hooks' leading axis (vision-tower crops for LLaVA, see
+    ``ImageLayout``); ``grids[i]`` its views' (rows, cols); ``item_modality[i]`` its kind.
     """
 
     modality: Int[Tensor, "batch pos"]
@@ -72,6 +79,7 @@ class ModalityMap:
     image_row: Int[Tensor, "image"]
     image_tiles: Int[Tensor, "image"]
     grids: tuple[tuple[tuple[int, int], ...], ...]
+    item_modality: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -81,9 +89,16 @@ class ModalityMap:
     def n_images(self) -> int:
         return int(self.image_row.shape[0])
 
-    def tile_rows(self) -> Int[Tensor, "tile"]:
-        """Batch row of every vision-tower crop, in the order the vision hooks see them."""
-        return torch.repeat_interleave(self.image_row, self.image_tiles)
+    def items(self, modality: str) -> Int[Tensor, "item"]:
+        """Indices of the media items of one modality (``items("image")``), in encoder order."""
+        modality_code(modality)
+        return torch.tensor([i for i, m in enumerate(self.item_modality) if m == modality], dtype=torch.long)
+
+    def tile_rows(self, modality: str | None = None) -> Int[Tensor, "tile"]:
+        """Batch row of every encoder unit (a vision-tower crop for LLaVA), in the order the
+        encoder hooks see them; ``modality`` keeps that modality's items only."""
+        items = torch.arange(self.n_images) if modality is None else self.items(modality)
+        return torch.repeat_interleave(self.image_row[items], self.image_tiles[items])
 
     def mask(self, *modalities: str) -> Bool[Tensor, "batch pos"]:
         """Positions whose modality is any of ``modalities`` (``mask("image", "text")``)."""
@@ -165,15 +180,16 @@ def position_mask(mm: ModalityMap, positions: str | Sequence[str] | Tensor) -> B
 def build_modality_map(
     input_ids: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"] | None,
-    image_token_id: int,
+    token_ids: Mapping[str, int],
     special_token_ids: Sequence[int],
     layouts: Sequence[ImageLayout],
 ) -> ModalityMap:
-    """Assign image tokens to images in the order HF scatters features (row-major over the
+    """Assign each modality's feature tokens (``token_ids``: modality -> placeholder token
+    id) to that modality's layouts in the order HF scatters features (row-major over the
     batch), and every other position to text, special or padding.
 
-    Raises ``ValueError`` when the number of image tokens does not match the layouts, or an
-    image's tokens would span two rows.
+    Raises ``ValueError`` when a modality's token count does not match its layouts, or an
+    item's tokens would span two rows.
     """
     input_ids = input_ids.cpu()
     batch, pos = input_ids.shape
@@ -185,38 +201,43 @@ def build_modality_map(
             f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
             f"{tuple(input_ids.shape)}; they must match"
         )
-    is_image = input_ids == image_token_id
-    n_tokens, n_expected = int(is_image.sum()), sum(len(layout) for layout in layouts)
-    if n_tokens != n_expected:
-        raise ValueError(
-            f"input_ids hold {n_tokens} image tokens but the {len(layouts)} image(s) give "
-            f"{n_expected} features ({[len(layout) for layout in layouts]} per image); build "
-            "the prompt with the model's processor so each image token is expanded to its features"
-        )
-
+    unknown = sorted({layout.modality for layout in layouts} - set(token_ids))
+    if unknown:
+        raise ValueError(f"layouts of modality {unknown} but no placeholder token for it; known: {sorted(token_ids)}")
     modality = torch.full((batch, pos), modality_code("text"), dtype=torch.int8)
     special = torch.isin(input_ids, torch.tensor(list(special_token_ids), dtype=input_ids.dtype))
     modality[special] = modality_code("special")
-    modality[is_image] = modality_code("image")
-    modality[attention_mask == 0] = modality_code("padding")
-
     fields = {name: torch.full((batch, pos), -1, dtype=torch.long) for name in ("image", "tile", "row", "col", "feature")}
     newline = torch.zeros((batch, pos), dtype=torch.bool)
-    rows, cols = torch.nonzero(is_image, as_tuple=True)  # row-major, as HF's masked_scatter
-    image_row, start, feature_offset = [], 0, 0
-    for index, layout in enumerate(layouts):
-        r, c = rows[start : start + len(layout)], cols[start : start + len(layout)]
-        if len(layout) and not bool((r == r[0]).all()):
-            raise ValueError(f"the tokens of image {index} span several batch rows; one image per run of image tokens")
-        fields["image"][r, c] = index
-        fields["tile"][r, c] = layout.tile
-        fields["row"][r, c] = layout.row
-        fields["col"][r, c] = layout.col
-        fields["feature"][r, c] = torch.where(layout.feature >= 0, layout.feature + feature_offset, -1)
-        newline[r, c] = layout.newline
-        image_row.append(int(r[0]) if len(layout) else -1)
-        start += len(layout)
-        feature_offset += layout.n_features
+    image_row = [-1] * len(layouts)
+    for kind, token_id in token_ids.items():
+        placed = input_ids == token_id
+        indices = [i for i, layout in enumerate(layouts) if layout.modality == kind]
+        n_tokens, n_expected = int(placed.sum()), sum(len(layouts[i]) for i in indices)
+        if n_tokens != n_expected:
+            raise ValueError(
+                f"input_ids hold {n_tokens} {kind} tokens but the {len(indices)} {kind}(s) give "
+                f"{n_expected} features ({[len(layouts[i]) for i in indices]} per {kind}); build "
+                f"the prompt with the model's processor so each {kind} token is expanded to its features"
+            )
+        modality[placed] = modality_code(kind)
+        rows, cols = torch.nonzero(placed, as_tuple=True)  # row-major, as HF's masked_scatter
+        start, feature_offset = 0, 0
+        for index in indices:
+            layout = layouts[index]
+            r, c = rows[start : start + len(layout)], cols[start : start + len(layout)]
+            if len(layout) and not bool((r == r[0]).all()):
+                raise ValueError(f"the tokens of {kind} item {index} span several batch rows; one item per run of {kind} tokens")
+            fields["image"][r, c] = index
+            fields["tile"][r, c] = layout.tile
+            fields["row"][r, c] = layout.row
+            fields["col"][r, c] = layout.col
+            fields["feature"][r, c] = torch.where(layout.feature >= 0, layout.feature + feature_offset, -1)
+            newline[r, c] = layout.newline
+            image_row[index] = int(r[0]) if len(layout) else -1
+            start += len(layout)
+            feature_offset += layout.n_features
+    modality[attention_mask == 0] = modality_code("padding")
 
     positions = torch.arange(pos).expand(batch, pos)
     last = torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
@@ -227,5 +248,6 @@ def build_modality_map(
         image_row=torch.tensor(image_row, dtype=torch.long),
         image_tiles=torch.tensor([layout.n_tiles for layout in layouts], dtype=torch.long),
         grids=tuple(layout.grids for layout in layouts),
+        item_modality=tuple(layout.modality for layout in layouts),
         **fields,
     )

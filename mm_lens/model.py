@@ -22,7 +22,7 @@ from transformer_lens.model_bridge.sources.transformers import helpers as tl_loa
 from transformers import AutoConfig, AutoProcessor
 
 from mm_lens.architectures import ArchitectureSpec, spec_for
-from mm_lens.inputs import ImagesPerPrompt, MultimodalBatch, encode
+from mm_lens.inputs import ImagesPerPrompt, MediaPerPrompt, MultimodalBatch, encode
 from mm_lens.modality import ModalityMap, build_modality_map
 
 ASSETS = Path(__file__).parent / "assets"
@@ -57,14 +57,14 @@ def resolve_model(name_or_path: str | os.PathLike) -> str | os.PathLike:
 
 
 def _load_processor(name_or_path: str | os.PathLike) -> Any:
-    advice = "save the processor (tokenizer and image processor) into the model folder or pass processor="
+    advice = "save the processor (tokenizer and image processor or feature extractor) into the model folder or pass processor="
     try:
         processor = AutoProcessor.from_pretrained(name_or_path)
     except Exception as error:  # the HF error names the missing piece; we say what to do
         raise ValueError(
             f"could not load a processor from {name_or_path!s} ({type(error).__name__}: {error}); {advice}"
         ) from error
-    if not hasattr(processor, "image_processor"):
+    if not (hasattr(processor, "image_processor") or hasattr(processor, "feature_extractor")):
         raise ValueError(f"could not load a processor from {name_or_path!s}: found only a {type(processor).__name__}; {advice}")
     return processor
 
@@ -164,24 +164,27 @@ class HookedMLLM(torch.nn.Module):
         prompts: Sequence[str],
         images: Sequence[ImagesPerPrompt] | None = None,
         *,
+        videos: Sequence[MediaPerPrompt] | None = None,
+        audios: Sequence[MediaPerPrompt] | None = None,
         chat: bool = True,
         padding_side: str = "left",
     ) -> MultimodalBatch:
         """Build a batch with the model's processor: ``images[i]`` (an image, a list, or
-        None) goes with ``prompts[i]``. With ``chat=True`` the chat template places the
-        images; with ``chat=False`` each prompt carries its own image tokens."""
-        inputs = encode(self.processor, prompts, images, chat=chat, padding_side=padding_side)
+        None) goes with ``prompts[i]``; likewise ``videos`` (frame lists) and ``audios``
+        (1-d waveforms) for models that take them. With ``chat=True`` the chat template
+        places the media; with ``chat=False`` each prompt carries its own placeholder tokens."""
+        inputs = encode(self.processor, prompts, images, videos=videos, audios=audios, chat=chat, padding_side=padding_side)
         inputs = {k: v.to(self.cfg.device) for k, v in inputs.items()}
         return MultimodalBatch(inputs, self.modality_map(inputs))
 
     def modality_map(self, inputs: Mapping[str, Any]) -> ModalityMap:
         """The ``ModalityMap`` of a batch of HF inputs (checks them on the way)."""
         inputs = self._check_inputs(inputs)
-        tokenizer = self.processor.tokenizer
-        image_token_id = self.hf_model.config.image_token_id
-        special = [i for i in tokenizer.all_special_ids if i != image_token_id]
-        layouts = self.spec.image_layouts(self.hf_model.config, inputs)
-        return build_modality_map(inputs["input_ids"], inputs.get("attention_mask"), image_token_id, special, layouts)
+        config = self.hf_model.config
+        token_ids = self.spec.token_ids(config)
+        special = [i for i in self.processor.tokenizer.all_special_ids if i not in token_ids.values()]
+        layouts = self.spec.layouts(config, inputs)
+        return build_modality_map(inputs["input_ids"], inputs.get("attention_mask"), token_ids, special, layouts)
 
     def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(inputs, MultimodalBatch):
@@ -190,33 +193,30 @@ class HookedMLLM(torch.nn.Module):
         input_ids = inputs.get("input_ids")
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
             raise ValueError("input_ids must be a [batch, pos] tensor; build inputs with model.prepare_inputs")
-        n_image_tokens = int((input_ids == self.hf_model.config.image_token_id).sum())
-        pixel_values = inputs.get("pixel_values")
-        if n_image_tokens and pixel_values is None:
-            raise ValueError(
-                f"input_ids hold {n_image_tokens} image tokens but no pixel_values were given; "
-                "pass the images' pixel_values (model.prepare_inputs does both)"
-            )
-        if pixel_values is not None and not n_image_tokens:
-            raise ValueError(
-                "pixel_values were given but input_ids hold no image token; put the image token in the "
-                "prompt (model.prepare_inputs does it through the chat template)"
-            )
-        batch = input_ids.shape[0]
+        token_ids = self.spec.token_ids(self.hf_model.config)
+        for modality, name in self.spec.feature_inputs.items():
+            n_tokens = int((input_ids == token_ids[modality]).sum())
+            features = inputs.get(name)
+            if n_tokens and features is None:
+                raise ValueError(
+                    f"input_ids hold {n_tokens} {modality} tokens but no {name} were given; "
+                    f"pass the {modality} features as {name} (model.prepare_inputs does both)"
+                )
+            if features is not None and not n_tokens:
+                raise ValueError(
+                    f"{name} were given but input_ids hold no {modality} token; put the {modality} token in the "
+                    "prompt (model.prepare_inputs does it through the chat template)"
+                )
         mask = inputs.get("attention_mask")
         if mask is not None and tuple(mask.shape) != tuple(input_ids.shape):
             raise ValueError(
                 f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
                 "they must match (same batch size and length)"
             )
-        sizes = inputs.get("image_sizes")
-        if sizes is not None and pixel_values is not None and len(sizes) != len(pixel_values):
-            raise ValueError(
-                f"image_sizes describe {len(sizes)} images but pixel_values hold {len(pixel_values)}; "
-                "pass one size per image"
-            )
-        if batch == 0:
+        if input_ids.shape[0] == 0:
             raise ValueError("the batch is empty")
+        if self.spec.check_inputs is not None:
+            self.spec.check_inputs(self.hf_model.config, inputs)
         return inputs
 
     def _split(self, batch: Mapping[str, Any] | None, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -226,7 +226,7 @@ class HookedMLLM(torch.nn.Module):
                 inputs = {"input_ids": batch, **inputs}
             else:
                 inputs = {**dict(batch.items()), **inputs}
-        names = ("input_ids", "attention_mask", *self.spec.image_input_names)
+        names = ("input_ids", "attention_mask", *self.spec.input_names)
         # a MultimodalBatch was checked when its map was built; anything else is checked here
         already_checked = isinstance(batch, MultimodalBatch) and not any(k in names for k in inputs)
         if not already_checked:

@@ -7,8 +7,11 @@ the dataset size: activations never leave the hook.
 
 Position classes: ``image`` (image-feature and image-newline positions), ``text`` (text
 positions, special tokens excluded), ``all`` (every non-padding position) and ``last`` (the
-last non-padding position of each row). Vision-tower and projector positions are all image
-positions: they count in ``image`` and ``all``.
+last non-padding position of each row); ``video`` and ``audio`` may be asked for too.
+Encoder positions (vision tower, Q-Former, projector; the audio encoder of an audio model)
+belong to the encoder's modality (``model.spec.encoder_modality``): they count in that class
+and ``all``. Encoder hooks' leading rows are split between items in proportion to their
+``ModalityMap.image_tiles`` units, so packed encoders (Qwen2-VL) work as batched ones do.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from mm_lens.io import load_tensors, save_tensors
 from mm_lens.modality import ModalityMap
 
 POSITION_CLASSES: tuple[str, ...] = ("image", "text", "all", "last")
+MEDIA_CLASSES: tuple[str, ...] = ("image", "video", "audio")
+ALL_POSITION_CLASSES: tuple[str, ...] = POSITION_CLASSES + ("video", "audio")
 _FIELDS = ("over_zero", "sum", "sum_sq", "max", "min", "n_tokens")
 
 
@@ -165,9 +170,9 @@ class NeuronStatsCollector:
         modules: Sequence[str] | None = None,
         classes: Sequence[str] = POSITION_CLASSES,
     ):
-        unknown = set(classes) - set(POSITION_CLASSES)
+        unknown = set(classes) - set(ALL_POSITION_CLASSES)
         if unknown:
-            raise ValueError(f"unknown position classes {sorted(unknown)}; choose from {', '.join(POSITION_CLASSES)}")
+            raise ValueError(f"unknown position classes {sorted(unknown)}; choose from {', '.join(ALL_POSITION_CLASSES)}")
         if len(set(domains)) != len(domains) or not domains:
             raise ValueError(f"domains must be a non-empty list of distinct names, got {list(domains)}")
         available = model.neuron_hooks
@@ -201,7 +206,7 @@ class NeuronStatsCollector:
         if unknown:
             raise ValueError(f"domain labels {unknown} are not among the collector's domains {list(self.stats.domains)}")
         domain_of_row = torch.tensor([self.stats.domains.index(d) for d in domains])
-        segments = _segments(mm, domain_of_row, self.stats.classes)
+        segments = _segments(mm, domain_of_row, self.stats.classes, self.model.spec.encoder_modality)
         return [
             (name, self._reducer(module, layer, segments, on_sequence=name.startswith("blocks.")))
             for module, hooks in self.hooks.items()
@@ -251,28 +256,32 @@ class _Segments:
     def select(self, act: Tensor, on_sequence: bool) -> tuple[Tensor, list[Span]]:
         """Rows ``[m, neuron]`` of ``act`` in span order, and the spans.
 
-        ``on_sequence``: ``act`` is ``[batch, pos, neuron]`` (language model); otherwise
-        ``[crops, tokens, neuron]`` (vision tower, projector).
+        ``on_sequence``: ``act`` is ``[batch, pos, neuron]`` (language model); otherwise an
+        encoder tensor whose leading axes hold the items' units (``[crops, tokens, neuron]``
+        for LLaVA's vision tower, ``[patches, neuron]`` for a packed encoder).
         """
         if on_sequence:
             if tuple(act.shape[:2]) != self.shape:
                 raise ValueError(f"a language-model hook saw shape {tuple(act.shape)}; the batch is {list(self.shape)}")
             return act[self.positions], self.position_spans
-        if act.shape[0] != len(self.crops):
+        rows = act.reshape(-1, act.shape[-1])
+        if not len(self.crops) or rows.shape[0] % len(self.crops):
             raise ValueError(
-                f"a vision hook saw shape {tuple(act.shape)}; the batch's images take {len(self.crops)} crops"
+                f"an encoder hook saw shape {tuple(act.shape)}, which does not split into the batch's "
+                f"{len(self.crops)} encoder units (one encoder call per batch expected; e.g. no videos "
+                "mixed with images)"
             )
-        tokens = act.shape[1]
-        spans = [(start * tokens, end * tokens, groups) for start, end, groups in self.crop_spans]
-        return act[self.crops].flatten(0, 1), spans
+        per_unit = rows.shape[0] // len(self.crops)
+        spans = [(start * per_unit, end * per_unit, groups) for start, end, groups in self.crop_spans]
+        return rows.reshape(len(self.crops), per_unit, -1)[self.crops].flatten(0, 1), spans
 
 
-def _segments(mm: ModalityMap, domain_of_row: Tensor, classes: Sequence[str]) -> _Segments:
+def _segments(mm: ModalityMap, domain_of_row: Tensor, classes: Sequence[str], encoder_modality: str) -> _Segments:
     def targets(*names: str) -> list[int]:
         return [classes.index(n) for n in names if n in classes]
 
     kinds = [  # disjoint kinds of language-model position, and the classes each counts in
-        (mm.mask("image"), targets("image", "all")),
+        *[(mm.mask(m), targets(m, "all")) for m in MEDIA_CLASSES],
         (mm.mask("text"), targets("text", "all")),
         (mm.mask("special"), targets("all")),
         (mm.last_mask(), targets("last")),
@@ -287,9 +296,9 @@ def _segments(mm: ModalityMap, domain_of_row: Tensor, classes: Sequence[str]) ->
                 pos_index.append(p)
                 position_spans.append((start, start + len(b), [(d, c) for c in class_indices]))
                 start += len(b)
-    crop_domain = domain_of_row[mm.tile_rows()]
+    crop_domain = domain_of_row[mm.tile_rows(encoder_modality)]
     crop_order, crop_spans, start = [], [], 0
-    vision_classes = targets("image", "all")
+    vision_classes = targets(encoder_modality, "all")
     for d in crop_domain.unique().tolist():
         crops = torch.nonzero(crop_domain == d).flatten()
         if vision_classes:

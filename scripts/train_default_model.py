@@ -32,7 +32,7 @@ from mm_lens import HookedMLLM
 from mm_lens.data import FEATURES, chance_accuracy, generate_samples, vocabulary
 from mm_lens.evaluation import score_answers
 from mm_lens.inputs import format_prompt
-from mm_lens.tiny import llava_model_and_processor
+from mm_lens.tiny.llava import llava_model_and_processor
 
 ASSETS = Path(__file__).resolve().parents[1] / "mm_lens" / "assets"
 IMAGE_SIZE, PATCH = 32, 8

@@ -1,4 +1,5 @@
-"""Session fixtures: tiny random LLaVA-1.5 and LLaVA-NeXT models saved offline, and images."""
+"""Session fixtures: tiny random models saved offline (LLaVA-1.5 and LLaVA-NeXT for every
+analysis test; the other architectures for their own tests in tests/architectures), and images."""
 
 from __future__ import annotations
 
@@ -53,9 +54,23 @@ def make_samples(n: int = 10) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def model_folders(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("tiny_models")
-    return {arch: str(build(root / arch)) for arch, build in TINY_BUILDERS.items()}
+def tiny_folder(tmp_path_factory):
+    """``tiny_folder(name)``: the folder of the tiny model ``name`` of ``TINY_BUILDERS``,
+    built on first use."""
+    root, built = tmp_path_factory.mktemp("tiny_models"), {}
+
+    def folder(name: str) -> str:
+        if name not in built:
+            built[name] = str(TINY_BUILDERS[name](root / name))
+        return built[name]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_folders(tiny_folder) -> dict[str, str]:
+    """The LLaVA-1.5 and LLaVA-NeXT folders every analysis test runs on."""
+    return {arch: tiny_folder(arch) for arch in ARCHS}
 
 
 @pytest.fixture(scope="session", params=ARCHS)
@@ -88,7 +103,7 @@ def images() -> list[Image.Image]:
 def hf_logits_with_act_zeroed(hf_model, batch, layer: int, channels: list[int]) -> torch.Tensor:
     """An independent reference: HF logits with ``act_fn`` output channels of one LM layer zeroed
     by a plain PyTorch forward hook."""
-    handle = hf_model.model.language_model.layers[layer].mlp.act_fn.register_forward_hook(
+    handle = hf_model.get_decoder().layers[layer].mlp.act_fn.register_forward_hook(
         lambda module, args, out: out.index_fill(-1, torch.tensor(channels), 0.0)
     )
     try:

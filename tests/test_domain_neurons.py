@@ -11,7 +11,7 @@ from conftest import DOMAINS, make_samples
 from mm_lens import HookedMLLM
 from mm_lens.collect import collect_neuron_stats
 from mm_lens.domain_neurons import select_domain_neurons
-from mm_lens.tiny import build_tiny_llava
+from mm_lens.tiny.llava import build_tiny_llava
 
 COLORS = {"field": (40, 160, 40), "page": (250, 240, 200), "road": (90, 90, 90), "scan": (230, 230, 230)}
 PLANTED_PER_DOMAIN = 5

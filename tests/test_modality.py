@@ -95,7 +95,7 @@ def test_mask_rejects_unknown_modality(model, images):
         mm.mask("pixels")
 
 
-def _layout(n: int) -> ImageLayout:
+def _layout(n: int, modality: str = "image", units: int = 1) -> ImageLayout:
     return ImageLayout(
         tile=torch.zeros(n, dtype=torch.long),
         row=torch.arange(n),
@@ -104,28 +104,49 @@ def _layout(n: int) -> ImageLayout:
         newline=torch.zeros(n, dtype=torch.bool),
         grids=((n, 1),),
         n_features=n,
+        n_tiles=units,
+        modality=modality,
     )
 
 
 def test_build_rejects_token_count_that_does_not_match_images():
     ids = torch.tensor([[1, 9, 9, 9, 5]])
     with pytest.raises(ValueError, match="hold 3 image tokens but the 1 image"):
-        build_modality_map(ids, None, image_token_id=9, special_token_ids=[1], layouts=[_layout(2)])
+        build_modality_map(ids, None, token_ids={"image": 9}, special_token_ids=[1], layouts=[_layout(2)])
 
 
 def test_build_rejects_image_spanning_rows():
     ids = torch.tensor([[1, 9, 9], [1, 9, 9]])
     with pytest.raises(ValueError, match="span several batch rows"):
-        build_modality_map(ids, None, image_token_id=9, special_token_ids=[1], layouts=[_layout(3), _layout(1)])
+        build_modality_map(ids, None, token_ids={"image": 9}, special_token_ids=[1], layouts=[_layout(3), _layout(1)])
 
 
 def test_build_assigns_codes_and_offsets_features():
     ids = torch.tensor([[0, 1, 9, 9, 5], [1, 9, 9, 5, 6]])
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-    mm = build_modality_map(ids, mask, image_token_id=9, special_token_ids=[0, 1], layouts=[_layout(2), _layout(2)])
+    mm = build_modality_map(ids, mask, token_ids={"image": 9}, special_token_ids=[0, 1], layouts=[_layout(2), _layout(2)])
     assert mm.modality[0].tolist() == [modality_code(m) for m in ("padding", "special", "image", "image", "text")]
     assert mm.feature[1].tolist() == [-1, 2, 3, -1, -1]
     assert mm.last.tolist() == [4, 4]
+
+
+def test_build_places_each_modality_in_its_own_order_with_its_own_feature_offsets():
+    # images are scattered first, then audio: item indices follow the layouts' order, not the prompt's
+    ids = torch.tensor([[1, 8, 8, 9, 9, 9], [1, 9, 9, 8, 5, 5]])
+    layouts = [_layout(3, units=3), _layout(2, units=2), _layout(2, "audio"), _layout(1, "audio")]
+    mm = build_modality_map(ids, None, token_ids={"image": 9, "audio": 8}, special_token_ids=[1], layouts=layouts)
+    assert mm.image.tolist() == [[-1, 2, 2, 0, 0, 0], [-1, 1, 1, 3, -1, -1]]
+    assert mm.feature.tolist() == [[-1, 0, 1, 0, 1, 2], [-1, 3, 4, 2, -1, -1]]
+    assert mm.item_modality == ("image", "image", "audio", "audio")
+    assert mm.mask("audio").tolist() == [[False, True, True, False, False, False], [False, False, False, True, False, False]]
+    assert mm.items("audio").tolist() == [2, 3]
+    assert mm.tile_rows("image").tolist() == [0, 0, 0, 1, 1]
+    assert mm.tile_rows("audio").tolist() == [0, 1]
+
+
+def test_build_rejects_layouts_of_a_modality_without_token():
+    with pytest.raises(ValueError, match="no placeholder token"):
+        build_modality_map(torch.tensor([[1, 9]]), None, token_ids={"image": 9}, special_token_ids=[1], layouts=[_layout(1, "audio")])
 
 
 def test_tile_rows_follow_vision_hook_leading_axis(model, images):
@@ -143,6 +164,6 @@ def test_tile_rows_follow_vision_hook_leading_axis(model, images):
 def test_all_padding_row_has_no_last_position():
     ids = torch.tensor([[1, 5, 6], [0, 0, 0]])
     mask = torch.tensor([[1, 1, 1], [0, 0, 0]])
-    mm = build_modality_map(ids, mask, image_token_id=9, special_token_ids=[0, 1], layouts=[])
+    mm = build_modality_map(ids, mask, token_ids={"image": 9}, special_token_ids=[0, 1], layouts=[])
     assert mm.last.tolist() == [2, -1]
     assert mm.last_mask().tolist() == [[False, False, True], [False, False, False]]

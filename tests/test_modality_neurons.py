@@ -15,7 +15,7 @@ from mm_lens.modality_neurons import (
     select_modality_neurons,
 )
 from mm_lens.specificity import MINER_METRICS, importance_scores
-from mm_lens.tiny import build_tiny_llava
+from mm_lens.tiny.llava import build_tiny_llava
 
 
 def _one_batch(model, samples):

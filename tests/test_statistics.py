@@ -123,7 +123,7 @@ def test_bad_labels_and_modules_are_errors(model, samples):
     with pytest.raises(ValueError, match="unknown neuron modules"):
         NeuronStatsCollector(model, DOMAINS, modules=["qformer"])
     with pytest.raises(ValueError, match="unknown position classes"):
-        NeuronStatsCollector(model, DOMAINS, classes=["image", "audio"])
+        NeuronStatsCollector(model, DOMAINS, classes=["image", "pixels"])
     with pytest.raises(ValueError, match="no 'domain' field"):
         collect_neuron_stats(model, [{"question": "what", "image": None}], progress=False)
 

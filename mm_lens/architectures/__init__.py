@@ -1,10 +1,16 @@
 """Per-architecture knowledge, one small module each: which TL adapter (with mm_lens' extra
-neuron hooks) boots the model, which hooks are its neuron modules, and how each image's
-features are laid out in the token sequence."""
+neuron hooks) boots the model, which hooks are its neuron modules, and how each media
+item's features are laid out in the token sequence.
+
+Every module of this package that defines ``SPECS`` (a tuple of ``ArchitectureSpec``) is
+registered: adding an architecture means adding one module.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
@@ -22,25 +28,41 @@ class ArchitectureSpec:
 
     ``neuron_hooks``: neuron-module name -> hook name, with ``{layer}`` for per-layer modules.
     ``neuron_widths(hf_model)``: neuron-module name -> neurons per layer.
-    ``image_layouts(config, inputs)``: one ``ImageLayout`` per image of a batch.
-    ``image_input_names``: the HF keyword inputs that carry the images.
+    ``layouts(config, inputs)``: one ``ImageLayout`` per media item of a batch, images first,
+    then videos, then audio clips (each kind in prompt order).
+    ``input_names``: the HF keyword inputs that carry the media (features and their sizes).
+    ``feature_inputs``: modality -> the HF input holding its features (checked against the
+    placeholder tokens). ``token_attributes``: modality -> the config attribute holding its
+    placeholder token id.
     ``inert_hooks``: hook-name suffixes TransformerLens declares but never fires for this
     architecture outside compatibility mode (listed in docs/hooks.md).
+    ``check_inputs(config, inputs)``: architecture-specific input checks (raise ValueError).
+    ``encoder_modality``: the modality whose items feed the non-language-model neuron hooks.
     """
 
     hf_class: str
     adapter: type[ArchitectureAdapter]
     neuron_hooks: Mapping[str, str]
     neuron_widths: Callable[[Any], Mapping[str, int]]
-    image_layouts: Callable[[Any, Mapping[str, Any]], Sequence[ImageLayout]]
-    image_input_names: tuple[str, ...]
+    layouts: Callable[[Any, Mapping[str, Any]], Sequence[ImageLayout]]
+    input_names: tuple[str, ...]
+    feature_inputs: Mapping[str, str] = field(default_factory=lambda: {"image": "pixel_values"})
+    token_attributes: Mapping[str, str] = field(default_factory=lambda: {"image": "image_token_id"})
     inert_hooks: tuple[str, ...] = ()
+    check_inputs: Callable[[Any, Mapping[str, Any]], None] | None = None
+    encoder_modality: str = "image"
+
+    def token_ids(self, config: Any) -> dict[str, int]:
+        """Modality -> placeholder token id of this model's config."""
+        return {modality: int(getattr(config, attribute)) for modality, attribute in self.token_attributes.items()}
 
 
 def _registry() -> dict[str, ArchitectureSpec]:
-    from mm_lens.architectures import llava
-
-    return {spec.hf_class: spec for spec in (llava.LLAVA, llava.LLAVA_NEXT)}
+    specs = {}
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        specs.update({spec.hf_class: spec for spec in getattr(module, "SPECS", ())})
+    return specs
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = _registry()

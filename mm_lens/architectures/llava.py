@@ -138,6 +138,15 @@ def _anyres_layout(config: Any, image_size: tuple[int, int]) -> ImageLayout:
     )
 
 
+def check_image_sizes(config: Any, inputs: Mapping[str, Any]) -> None:
+    """One ``image_sizes`` row per image of ``pixel_values``."""
+    sizes, pixel_values = inputs.get("image_sizes"), inputs.get("pixel_values")
+    if sizes is not None and pixel_values is not None and len(sizes) != len(pixel_values):
+        raise ValueError(
+            f"image_sizes describe {len(sizes)} images but pixel_values hold {len(pixel_values)}; pass one size per image"
+        )
+
+
 def llava_next_layouts(config: Any, inputs: Mapping[str, Any]) -> list[ImageLayout]:
     image_sizes = inputs.get("image_sizes")
     if inputs.get("pixel_values") is None:
@@ -152,14 +161,16 @@ LLAVA = ArchitectureSpec(
     adapter=LlavaNeuronAdapter,
     neuron_hooks=NEURON_HOOKS,
     neuron_widths=neuron_widths,
-    image_layouts=llava_layouts,
-    image_input_names=("pixel_values",),
+    layouts=llava_layouts,
+    input_names=("pixel_values",),
     inert_hooks=INERT_HOOKS,
 )
 LLAVA_NEXT = replace(
     LLAVA,
     hf_class="LlavaNextForConditionalGeneration",
     adapter=LlavaNextNeuronAdapter,
-    image_layouts=llava_next_layouts,
-    image_input_names=("pixel_values", "image_sizes"),
+    layouts=llava_next_layouts,
+    input_names=("pixel_values", "image_sizes"),
+    check_inputs=check_image_sizes,
 )
+SPECS = (LLAVA, LLAVA_NEXT)

@@ -1,10 +1,4 @@
-"""Tiny random-initialised MLLMs built offline from real ``transformers`` classes.
-
-Used by the test-suite and by the command line before a trained model is at hand. Each
-builder writes a complete model folder (weights as safetensors, config, tokenizer, image
-processor, processor with chat template) that ``HookedMLLM.from_pretrained`` loads with no
-network.
-"""
+"""Tiny LLaVA-1.5 and LLaVA-NeXT models (CLIP vision tower, Llama language model)."""
 
 from __future__ import annotations
 
@@ -12,7 +6,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -24,55 +17,12 @@ from transformers import (
     LlavaNextImageProcessor,
     LlavaNextProcessor,
     LlavaProcessor,
-    PreTrainedTokenizerFast,
 )
 
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-DEFAULT_WORDS = (
-    "USER ASSISTANT : ? . , what is the color of shape in this image a an picture "
-    "red green blue yellow white black gray circle square triangle road car tree "
-    "scan bone tissue field river city text page number one two three four five yes no "
-    "how many are there left right top bottom which domain describe"
-).split()
-
-# A chat template in the LLaVA-1.5 style: images first, then the text of the user turn.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER : "
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image> {% endif %}"
-    "{% endfor %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'text' %}{{ item['text'] }} {% endif %}"
-    "{% endfor %}"
-    "{% elif message['role'] == 'assistant' %}ASSISTANT : "
-    "{% for item in message['content'] %}{{ item['text'] }} {% endfor %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
-)
+from mm_lens.tiny import CHAT_TEMPLATE, DEFAULT_WORDS, build_word_tokenizer, save_model
 
 
-def build_word_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer with LLaVA's special tokens (``<image>`` included)."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for word in words:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
-    tokenizer.add_bos_token = True
-    return tokenizer
-
-
-def _vision_config(image_size: int, patch_size: int, width: int, layers: int, **overrides) -> CLIPVisionConfig:
+def clip_vision_config(image_size: int, patch_size: int, width: int, layers: int, **overrides) -> CLIPVisionConfig:
     settings = dict(
         hidden_size=width,
         intermediate_size=2 * width,
@@ -85,7 +35,7 @@ def _vision_config(image_size: int, patch_size: int, width: int, layers: int, **
     return CLIPVisionConfig(**{**settings, **overrides})
 
 
-def _text_config(tokenizer_size: int, width: int, layers: int, pad_token_id: int, **overrides) -> LlamaConfig:
+def llama_text_config(tokenizer_size: int, width: int, layers: int, pad_token_id: int, **overrides) -> LlamaConfig:
     settings = dict(
         vocab_size=tokenizer_size,
         hidden_size=width,
@@ -99,14 +49,6 @@ def _text_config(tokenizer_size: int, width: int, layers: int, pad_token_id: int
         eos_token_id=2,
     )
     return LlamaConfig(**{**settings, **overrides})
-
-
-def _save(model, processor, folder: str | Path) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def llava_model_and_processor(
@@ -135,8 +77,8 @@ def llava_model_and_processor(
     pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
     config_class, model_class = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else (LlavaConfig, LlavaForConditionalGeneration)
     config = config_class(
-        vision_config=_vision_config(image_size, patch_size, width, vision_layers, **(vision_overrides or {})),
-        text_config=_text_config(len(tokenizer), width, text_layers, tokenizer.pad_token_id, **(text_overrides or {})),
+        vision_config=clip_vision_config(image_size, patch_size, width, vision_layers, **(vision_overrides or {})),
+        text_config=llama_text_config(len(tokenizer), width, text_layers, tokenizer.pad_token_id, **(text_overrides or {})),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu",
         vision_feature_layer=vision_feature_layer,
@@ -166,13 +108,13 @@ def llava_model_and_processor(
 def build_tiny_llava(folder: str | Path, **settings: Any) -> Path:
     """Write a random-initialised ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout) to
     ``folder``; ``settings`` as in ``llava_model_and_processor``."""
-    return _save(*llava_model_and_processor(anyres=False, **settings), folder)
+    return save_model(*llava_model_and_processor(anyres=False, **settings), folder)
 
 
 def build_tiny_llava_next(folder: str | Path, **settings: Any) -> Path:
     """Write a random-initialised ``LlavaNextForConditionalGeneration`` (anyres tiling) to
     ``folder``; ``settings`` as in ``llava_model_and_processor``."""
-    return _save(*llava_model_and_processor(anyres=True, **settings), folder)
+    return save_model(*llava_model_and_processor(anyres=True, **settings), folder)
 
 
-TINY_BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next}
+BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next}

@@ -1,0 +1,96 @@
+"""Tiny random-initialised MLLMs built offline from real ``transformers`` classes.
+
+Used by the test-suite and by the command line before a trained model is at hand. Each
+builder writes a complete model folder (weights as safetensors, config, tokenizer,
+image processor or feature extractor, processor with chat template) that
+``HookedMLLM.from_pretrained`` loads with no network.
+
+Every module of this package that defines ``BUILDERS`` (name -> ``build(folder, **settings)``)
+is registered in ``TINY_BUILDERS``; this module holds what the builders share: a word-level
+tokenizer and a chat template in the LLaVA-1.5 style.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+BASE_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+DEFAULT_WORDS = (
+    "USER ASSISTANT : ? . , what is the color of shape in this image a an picture "
+    "red green blue yellow white black gray circle square triangle road car tree "
+    "scan bone tissue field river city text page number one two three four five yes no "
+    "how many are there left right top bottom which domain describe"
+).split()
+
+
+def word_chat_template(placeholders: Mapping[str, str] | None = None) -> str:
+    """A chat template in the LLaVA-1.5 style: the user turn's media first (one placeholder
+    per ``{"type": modality}`` entry, ``placeholders``: modality -> text), then its text."""
+    placeholders = {"image": "<image>"} if placeholders is None else placeholders
+    media = "".join(f"{{% if item['type'] == '{kind}' %}}{text} {{% endif %}}" for kind, text in placeholders.items())
+    return (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}USER : "
+        "{% for item in message['content'] %}" + media + "{% endfor %}"
+        "{% for item in message['content'] %}"
+        "{% if item['type'] == 'text' %}{{ item['text'] }} {% endif %}"
+        "{% endfor %}"
+        "{% elif message['role'] == 'assistant' %}ASSISTANT : "
+        "{% for item in message['content'] %}{{ item['text'] }} {% endfor %}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = word_chat_template()
+
+
+def build_word_tokenizer(
+    words: Sequence[str] = DEFAULT_WORDS, named_tokens: Mapping[str, str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer: ``<pad> <s> </s> <unk>``, then the special tokens
+    of ``named_tokens`` (attribute -> token, default ``{"image_token": "<image>"}``; e.g.
+    ``audio_token``, ``vision_start_token``), then ``words``."""
+    named_tokens = {"image_token": "<image>"} if named_tokens is None else dict(named_tokens)
+    vocab = {token: i for i, token in enumerate((*BASE_TOKENS, *named_tokens.values()))}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=named_tokens,
+    )
+    tokenizer.add_bos_token = True
+    return tokenizer
+
+
+def save_model(model: Any, processor: Any, folder: str | Path) -> Path:
+    """Write the model (safetensors) and its processor to ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _registry() -> dict[str, Callable[..., Path]]:
+    builders = {}
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+        builders.update(getattr(importlib.import_module(f"{__name__}.{module_info.name}"), "BUILDERS", {}))
+    return builders
+
+
+TINY_BUILDERS: dict[str, Callable[..., Path]] = _registry()
+
