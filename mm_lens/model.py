@@ -31,18 +31,19 @@ DEFAULT_MODEL = ASSETS / "default_model"
 
 @contextlib.contextmanager
 def _booting_with(spec: ArchitectureSpec) -> Iterator[None]:
-    """Select mm_lens' adapter for this boot only, and never let TL install packages."""
-    adapters = ArchitectureAdapterFactory._adapters
-    previous = adapters.get(spec.hf_class)
-    adapters[spec.hf_class] = spec.adapter
+    """Select mm_lens' adapter for this boot only (through TL's ``register_adapter``
+    extension point; TL's own adapter, if any, is put back after) and never let TL install
+    packages."""
+    previous = ArchitectureAdapterFactory._adapters.get(spec.hf_class)
+    ArchitectureAdapterFactory.register_adapter(spec.hf_class, spec.adapter)
     try:
         with mock.patch.object(tl_loader_helpers, "_ensure_torchvision", lambda: False):
             yield
     finally:
         if previous is None:
-            adapters.pop(spec.hf_class, None)
+            ArchitectureAdapterFactory._adapters.pop(spec.hf_class, None)
         else:
-            adapters[spec.hf_class] = previous
+            ArchitectureAdapterFactory.register_adapter(spec.hf_class, previous)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str | os.PathLike:
