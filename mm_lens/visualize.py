@@ -23,6 +23,10 @@ the model's image processor maps pixels:
   little past the picture's border. Tiles are assumed to be the vision tower's input size (as
   in every released LLaVA-NeXT), so no further resize happens inside a tile.
 
+Architectures whose processor resizes the whole picture to the grid (no crop, no pad;
+``ArchitectureSpec.image_geometry == "whole"``) get the whole picture as extent; those whose
+items have no grid (``None``) get a clear error.
+
 Extents are matplotlib's ``(left, right, bottom, top)`` in original pixel coordinates
 (``x`` right, ``y`` down; pixel ``(x, y)`` spans ``[x, x+1)``).
 """
@@ -400,8 +404,13 @@ def view_extent(
 ) -> Extent:
     """Where a view's grid lies on the original picture of ``image_size`` = (height, width):
     ``(left, right, bottom, top)`` in original pixels (see the module docstring)."""
-    processor = model.processor.image_processor
+    geometry = model.spec.image_geometry
     height, width = image_size
+    if geometry is None:
+        raise ValueError(f"{model.spec.hf_class} images have no patch grid (e.g. Q-Former queries); no heatmap over the picture")
+    if geometry == "whole":
+        return (0.0, float(width), float(height), 0.0)
+    processor = model.processor.image_processor
     frame = _Frame(height, width)
     pinpoints = getattr(processor, "image_grid_pinpoints", None)
     if not pinpoints:  # LLaVA-1.5: optional pad to square, resize, center crop

@@ -38,6 +38,10 @@ class ArchitectureSpec:
     architecture outside compatibility mode (listed in docs/hooks.md).
     ``check_inputs(config, inputs)``: architecture-specific input checks (raise ValueError).
     ``encoder_modality``: the modality whose items feed the non-language-model neuron hooks.
+    ``image_geometry``: where a view's patch grid lies on the original picture, for heatmaps:
+    ``"llava"`` (computed from the LLaVA/LLaVA-NeXT image processor, see mm_lens.visualize),
+    ``"whole"`` (every view's grid spans the whole picture, resized without crop or pad), or
+    ``None`` (the items have no patch grid, e.g. Q-Former queries or audio).
     """
 
     hf_class: str
@@ -51,6 +55,7 @@ class ArchitectureSpec:
     inert_hooks: tuple[str, ...] = ()
     check_inputs: Callable[[Any, Mapping[str, Any]], None] | None = None
     encoder_modality: str = "image"
+    image_geometry: str | None = "llava"
 
     def token_ids(self, config: Any) -> dict[str, int]:
         """Modality -> placeholder token id of this model's config."""
