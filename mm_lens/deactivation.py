@@ -20,10 +20,11 @@ Decisions:
 - Positions (``positions``): ``"all"``, or any of the modalities of ``ModalityMap``
   (``"text"``, ``"image"``, ``"special"``, ``"padding"``, ...) and ``"last"`` (the last
   non-padding position of each row). Only language-model hooks (``[batch, pos, ...]``) are
-  restricted by position, with ``modality_map`` describing the prompt. Vision-tower and
-  projector tensors hold image patches only: their hooks are added when ``positions`` is
-  ``"all"`` or includes ``"image"``, and then touch every patch (CLS included); otherwise
-  they are not added at all.
+  restricted by position, with ``modality_map`` describing the prompt. Encoder tensors
+  (vision tower, Q-Former, projector; an audio encoder) hold their modality's items only:
+  their hooks are added when ``positions`` is ``"all"`` or includes that modality
+  (``model.spec.encoder_modality``, ``"image"`` for vision models), and then touch every
+  row (CLS included); otherwise they are not added at all.
 - Generation: a language-model tensor whose length differs from the map's is read as the
   prompt followed by generated tokens. Shorter (a decode step with KV cache, ``[batch, 1,
   d]``): every position is a generated token. Longer (decoding without cache): the first
@@ -280,7 +281,7 @@ def deactivation_hooks(
             layer_mask = None
             if names is not None:
                 if not _is_lm_hook(hook_name):
-                    if "image" not in names:
+                    if model.spec.encoder_modality not in names:
                         continue
                 else:
                     if modality_map is None:
