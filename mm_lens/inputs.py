@@ -66,20 +66,28 @@ def _placeholder(processor: Any, modality: str) -> str:
     token = getattr(processor, _PROCESSOR_KEYWORDS[modality][1], None)
     if token is None:
         raise ValueError(f"the {type(processor).__name__} has no {modality} token: this model takes no {modality} input")
-    return token
+    return str(token)  # InstructBLIP's processor holds an AddedToken
 
 
-def format_prompt(processor: Any, text: str, n_images: int, chat: bool, *, n_videos: int = 0, n_audios: int = 0) -> str:
+def format_prompt(
+    processor: Any, text: str, n_images: int, chat: bool, *, n_videos: int = 0, n_audios: int = 0, placeholders: bool = True
+) -> str:
     """The prompt string for one sample: through the processor's chat template (one entry
     per image, video and audio clip, then the text) or, with ``chat=False``, ``text`` as
-    given (checked to hold one placeholder token per item)."""
+    given (checked to hold one placeholder token per item, or none where the processor
+    inserts the feature tokens itself: ``placeholders=False``)."""
     counts = {"image": n_images, "video": n_videos, "audio": n_audios}
     if not chat:
         for modality, n in counts.items():
             if not n and getattr(processor, _PROCESSOR_KEYWORDS[modality][1], None) is None:
                 continue
             token = _placeholder(processor, modality)
-            if text.count(token) != n:
+            if not placeholders and token in text:
+                raise ValueError(
+                    f"prompt has {text.count(token)} {token} tokens but this model's processor puts the {modality} "
+                    f"tokens before the prompt itself; write no {token} in the prompt"
+                )
+            if placeholders and text.count(token) != n:
                 raise ValueError(
                     f"prompt has {text.count(token)} {token} tokens but {n} {modality}s were given; "
                     f"put one {token} per {modality} in the prompt, or use chat=True"
@@ -100,9 +108,13 @@ def encode(
     audios: Sequence[MediaPerPrompt] | None = None,
     chat: bool = True,
     padding_side: str = "left",
+    nested_images: bool = False,
+    prompt_placeholders: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Tokenise prompts and preprocess images, videos and audio with the HF processor (one
-    padded batch). Each of ``images``/``videos``/``audios`` has one entry per prompt."""
+    padded batch). Each of ``images``/``videos``/``audios`` has one entry per prompt. The
+    processor gets the images as one flat list or (``nested_images``) one list per prompt.
+    ``prompt_placeholders``: as ``placeholders`` of ``format_prompt``."""
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, one per sample")
     if len(prompts) == 0:
@@ -114,13 +126,23 @@ def encode(
         if any(per_prompt):
             _placeholder(processor, modality)
     texts = [
-        format_prompt(processor, p, len(lists["image"][i]), chat, n_videos=len(lists["video"][i]), n_audios=len(lists["audio"][i]))
+        format_prompt(
+            processor,
+            p,
+            len(lists["image"][i]),
+            chat,
+            n_videos=len(lists["video"][i]),
+            n_audios=len(lists["audio"][i]),
+            placeholders=prompt_placeholders,
+        )
         for i, p in enumerate(prompts)
     ]
     media = {
         _PROCESSOR_KEYWORDS[m][0]: [item.convert("RGB") if m == "image" else item for items in per_prompt for item in items]
         for m, per_prompt in lists.items()
     }
+    if nested_images and media["images"]:
+        media["images"] = [[image.convert("RGB") for image in images] for images in lists["image"]]
     tokenizer, previous = processor.tokenizer, processor.tokenizer.padding_side
     tokenizer.padding_side = padding_side
     try:

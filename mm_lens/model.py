@@ -15,7 +15,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from unittest import mock
 
 import torch
+import transformers
 from transformer_lens import ActivationCache
+from transformer_lens.factories import architecture_adapter_factory as tl_adapter_factory
 from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources.transformers import helpers as tl_loader_helpers
@@ -32,12 +34,17 @@ DEFAULT_MODEL = ASSETS / "default_model"
 @contextlib.contextmanager
 def _booting_with(spec: ArchitectureSpec) -> Iterator[None]:
     """Select mm_lens' adapter for this boot only (through TL's ``register_adapter``
-    extension point; TL's own adapter, if any, is put back after) and never let TL install
-    packages."""
+    extension point; TL's own adapter, if any, is put back after), let TL's HF loader
+    recognise an architecture it has no adapter of its own for (it looks names up in
+    ``SUPPORTED_ARCHITECTURES``, which ``register_adapter`` does not extend) and never let
+    TL install packages."""
     previous = ArchitectureAdapterFactory._adapters.get(spec.hf_class)
     ArchitectureAdapterFactory.register_adapter(spec.hf_class, spec.adapter)
     try:
-        with mock.patch.object(tl_loader_helpers, "_ensure_torchvision", lambda: False):
+        with (
+            mock.patch.object(tl_loader_helpers, "_ensure_torchvision", lambda: False),
+            mock.patch.dict(tl_adapter_factory.SUPPORTED_ARCHITECTURES, {spec.hf_class: spec.adapter}),
+        ):
             yield
     finally:
         if previous is None:
@@ -67,6 +74,8 @@ def _load_processor(name_or_path: str | os.PathLike) -> Any:
         ) from error
     if not (hasattr(processor, "image_processor") or hasattr(processor, "feature_extractor")):
         raise ValueError(f"could not load a processor from {name_or_path!s}: found only a {type(processor).__name__}; {advice}")
+    if getattr(processor, "chat_template", None) is None:  # InstructBLIP's drops the folder's; its tokenizer keeps it
+        processor.chat_template = getattr(processor.tokenizer, "chat_template", None)
     return processor
 
 
@@ -121,6 +130,8 @@ class HookedMLLM(torch.nn.Module):
                 device=device if hf_model is None else None,
                 dtype=dtype,
                 tokenizer=processor.tokenizer,
+                # the class the checkpoint names (TL guesses an Auto class from its own lists)
+                model_class=getattr(transformers, spec.hf_class, None),
             )
         bridge.processor = processor
         if compatibility_mode:
@@ -173,9 +184,22 @@ class HookedMLLM(torch.nn.Module):
         """Build a batch with the model's processor: ``images[i]`` (an image, a list, or
         None) goes with ``prompts[i]``; likewise ``videos`` (frame lists) and ``audios``
         (1-d waveforms) for models that take them. With ``chat=True`` the chat template
-        places the media; with ``chat=False`` each prompt carries its own placeholder tokens."""
-        inputs = encode(self.processor, prompts, images, videos=videos, audios=audios, chat=chat, padding_side=padding_side)
+        places the media; with ``chat=False`` each prompt carries its own placeholder tokens (none
+        where the processor inserts them itself, ``spec.prompt_placeholders=False``)."""
+        inputs = encode(
+            self.processor,
+            prompts,
+            images,
+            videos=videos,
+            audios=audios,
+            chat=chat,
+            padding_side=padding_side,
+            nested_images=self.spec.nested_images,
+            prompt_placeholders=self.spec.prompt_placeholders,
+        )
         inputs = {k: v.to(self.cfg.device) for k, v in inputs.items()}
+        if self.spec.derived_inputs is not None:
+            inputs.update(self.spec.derived_inputs(self.hf_model.config, inputs))
         return MultimodalBatch(inputs, self.modality_map(inputs))
 
     def modality_map(self, inputs: Mapping[str, Any]) -> ModalityMap:

@@ -106,7 +106,8 @@ def _tile(inputs: dict[str, Tensor], copies: int) -> dict[str, Tensor]:
 
 class _ResumableRun:
     """One run of a batch that can be resumed at any LM layer: the residual entering each
-    block and the keyword inputs the blocks receive (mask, rotary embeddings, positions) are
+    block and the keyword inputs each block receives (mask, rotary embeddings, positions;
+    they may differ between layers, e.g. Gemma 3's sliding-window and global layers) are
     recorded once; ``logits_from(layer, copies)`` reruns blocks ``layer..`` on ``copies``
     stacked copies, then the final norm and unembedding, with the model's hooks active."""
 
@@ -115,13 +116,12 @@ class _ResumableRun:
         blocks = self.bridge.blocks
         self.rows = batch["input_ids"].shape[0]
         self.inputs: list[Tensor] = [None] * len(blocks)  # type: ignore[list-item]
-        self.kwargs: dict[str, Any] = {}
+        self.kwargs: list[dict[str, Any]] = [{} for _ in blocks]
 
         def record(layer: int):
             def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
                 self.inputs[layer] = args[0].detach()
-                if layer == 0:
-                    self.kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "cache_position")}
+                self.kwargs[layer] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "cache_position")}
             return pre_hook
 
         handles = [block.register_forward_pre_hook(record(l), with_kwargs=True) for l, block in enumerate(blocks)]
@@ -143,10 +143,12 @@ class _ResumableRun:
     def logits_from(self, layer: int, copies: int, at: Tensor | None = None) -> Float[Tensor, "batch pos vocab"]:
         """Logits of the copies, at every position or, with ``at`` ([rows] positions), only
         there (``[batch, 1, vocab]``: the unembedding is most of a resumed run's cost)."""
-        kwargs = {k: self._stack(v, copies) for k, v in self.kwargs.items()}
         hidden = self._stack(self.inputs[layer], copies)
-        for block in self.bridge.blocks[layer:]:
-            out = block(hidden, **kwargs)
+        stacked: dict[int, Any] = {}  # layers mostly share their inputs' objects: stack each once
+        for block, kwargs in zip(self.bridge.blocks[layer:], self.kwargs[layer:]):
+            for value in kwargs.values():
+                stacked.setdefault(id(value), self._stack(value, copies))
+            out = block(hidden, **{k: stacked[id(v)] for k, v in kwargs.items()})
             hidden = out[0] if isinstance(out, tuple) else out
         if at is not None:
             hidden = hidden[torch.arange(hidden.shape[0]), at.repeat(copies)][:, None]

@@ -49,6 +49,7 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
+from mm_lens.architectures.llava import anyres_grid
 from mm_lens.modality import ModalityMap
 
 Extent = tuple[float, float, float, float]
@@ -399,9 +400,7 @@ def _patch_output_size(height: int, width: int, target: tuple[int, int]) -> tupl
     return target_h, min(math.ceil(width * scale_h), target_w)
 
 
-def view_extent(
-    model: Any, image_size: tuple[int, int], grid_shape: tuple[int, int], view: int = 0
-) -> Extent:
+def view_extent(model: Any, image_size: tuple[int, int], view: int = 0) -> Extent:
     """Where a view's grid lies on the original picture of ``image_size`` = (height, width):
     ``(left, right, bottom, top)`` in original pixels (see the module docstring)."""
     geometry = model.spec.image_geometry
@@ -428,20 +427,16 @@ def view_extent(
         frame = frame.resize(*base).resize_and_crop(processor)
         return frame.extent(0, 0, frame.height, frame.width)
     if view != 1:
-        raise ValueError(f"LLaVA-NeXT images have views 0 (base) and 1 (high resolution); view {view} does not exist")
-    from transformers.image_processing_utils import select_best_resolution
-
-    best_h, best_w = select_best_resolution((height, width), pinpoints)
+        raise ValueError(f"anyres images have views 0 (base) and 1 (high resolution); view {view} does not exist")
+    # the kept (unpadded) part of the tiled grid; a downsized grid (LLaVA-OneVision) is a
+    # resize of that same part, so it covers the same box
+    grid = anyres_grid(model.hf_model.config, image_size)
+    tile_px = model.hf_model.config.vision_config.image_size
+    best_h, best_w = grid.tiles_h * tile_px, grid.tiles_w * tile_px
     new_h, new_w = _patch_output_size(height, width, (best_h, best_w))
     frame = frame.resize(new_h, new_w).move((best_h - new_h) // 2, (best_w - new_w) // 2, best_h, best_w)
-    crop = getattr(processor, "crop_size", None)
-    tile = int(_size_field(crop, "height") or _size_field(processor.size, "shortest_edge"))
-    side = int(model.hf_model.config.vision_config.image_size // model.hf_model.config.vision_config.patch_size)
-    full_h, full_w = best_h // tile * side, best_w // tile * side
-    rows, cols = grid_shape
-    top, left = (full_h - rows) // 2, (full_w - cols) // 2  # the model's unpadding is symmetric
-    cell_h, cell_w = best_h / full_h, best_w / full_w
-    return frame.extent(top * cell_h, left * cell_w, (top + rows) * cell_h, (left + cols) * cell_w)
+    cell = tile_px / grid.side
+    return frame.extent(grid.top * cell, grid.left * cell, (grid.top + grid.rows) * cell, (grid.left + grid.cols) * cell)
 
 
 def cell_extent(extent: Extent, grid_shape: tuple[int, int], row: int, col: int) -> Extent:
@@ -520,6 +515,6 @@ def heatmap_for(
             f"image {image_index} of the batch was {tuple(int(s) for s in sizes[image_index])} (height, width) "
             f"but the picture given is {image_size}; pass the picture the batch was built from"
         )
-    extent = view_extent(model, image_size, tuple(grid.shape), view)
+    extent = view_extent(model, image_size, view)
     kwargs.setdefault("title", f"image {image_index}, view {view}")
     return patch_heatmap(image, grid, extent=extent, **kwargs)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mm_lens import HookedMLLM
 from mm_lens.report import remote_references
 from mm_lens.visualize import (
     CircuitsView,
@@ -144,16 +145,29 @@ def test_bundle_defines_the_components_as_a_plain_script(two_rows, tmp_path):
 def test_llava_grid_covers_the_center_crop(models):
     # 56x112 -> shortest edge 28 gives 28x56 -> centre crop 28x28 keeps resized x 14..42,
     # i.e. original x 28..84 over the full height.
-    assert view_extent(models["llava"], (56, 112), (4, 4)) == pytest.approx((28, 84, 56, 0))
+    assert view_extent(models["llava"], (56, 112)) == pytest.approx((28, 84, 56, 0))
 
 
 def test_llava_next_views_cover_the_squashed_and_unpadded_picture(models):
     model = models["llava_next"]
     # Base view: the picture squashed to 28x28, all of it.
-    assert view_extent(model, (34, 60), (4, 4), view=0) == pytest.approx((0, 60, 34, 0))
+    assert view_extent(model, (34, 60), view=0) == pytest.approx((0, 60, 34, 0))
     # High-res: best pinpoint 56x56; picture resized to 32x56, pasted at y=12; feature rows
     # 7 px; unpadding keeps rows 2..5 of 8, i.e. canvas y 14..42 -> original (y-12)*34/32.
-    assert view_extent(model, (34, 60), (4, 8), view=1) == pytest.approx((0, 60, 31.875, 2.125))
+    assert view_extent(model, (34, 60), view=1) == pytest.approx((0, 60, 31.875, 2.125))
+
+
+@pytest.fixture(scope="module")
+def any_model(models, tiny_folder):
+    """``any_model(arch)``: the session's LLaVA models, or another tiny architecture loaded once."""
+    loaded = dict(models)
+
+    def get(arch: str):
+        if arch not in loaded:
+            loaded[arch] = HookedMLLM.from_pretrained(tiny_folder(arch))
+        return loaded[arch]
+
+    return get
 
 
 @pytest.mark.parametrize(
@@ -164,17 +178,21 @@ def test_llava_next_views_cover_the_squashed_and_unpadded_picture(models):
         ("llava_next", (28, 56), (28, 7, 42, 14), 0, (1, 2)),  # base view squashes 2:1
         ("llava_next", (28, 56), (14, 7, 21, 14), 1, (1, 2)),
         ("llava_next", (34, 60), (16, 11, 22, 16), 1, (1, 2)),  # padded and unpadded
+        ("llava_onevision", (34, 60), (16, 11, 22, 16), 1, (1, 2)),
+        ("qwen2_vl", (32, 48), (8, 16, 16, 24), 0, (2, 1)),  # 8-pixel merged cells, whole picture
+        ("idefics3", (40, 40), (10, 20, 20, 30), 0, (1, 0)),  # global view: the squashed picture, 2x2 cells
+        ("idefics3", (40, 40), (10, 20, 20, 30), 1, (2, 1)),  # 2x2 crops of 2x2 cells: 4x4 over the picture
     ],
 )
-def test_heatmap_cell_of_a_distinct_patch_lies_on_that_patch(models, arch, size, box, view, cell):
-    model = models[arch]
+def test_heatmap_cell_of_a_distinct_patch_lies_on_that_patch(any_model, arch, size, box, view, cell):
+    model = any_model(arch)
     picture = dark_picture(*size, box)
     batch = model.prepare_inputs(["what is this"], [picture])
     values = distance_from_median(model, batch, view)
     grid = batch.modality_map.to_grid(values, 0, view)
     argmax = divmod(int(torch.nan_to_num(grid, nan=-1.0).argmax()), grid.shape[1])
     assert argmax == cell
-    extent = view_extent(model, size, tuple(grid.shape), view)
+    extent = view_extent(model, size, view)
     left, right, bottom, top = cell_extent(extent, tuple(grid.shape), *argmax)
     center_x, center_y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     assert left <= center_x < right and top <= center_y < bottom
@@ -182,6 +200,20 @@ def test_heatmap_cell_of_a_distinct_patch_lies_on_that_patch(models, arch, size,
     fig = heatmap_for(model, batch, values, 0, view, image=picture)
     assert fig.axes[0].images[-1].get_extent() == pytest.approx(list(extent))
     plt.close(fig)
+
+
+def test_downsized_onevision_grid_covers_the_same_box_as_the_unpadded_grid(any_model):
+    model = any_model("llava_onevision")
+    batch = model.prepare_inputs(["what"], [dark_picture(40, 40, (0, 0, 7, 7))])
+    rows, cols = batch.modality_map.grids[0][1]
+    assert (rows, cols) == (5, 5)  # the 8x8 grid of 2x2 tiles, downsized (anyres_max_2)
+    assert view_extent(model, (40, 40), view=1) == pytest.approx((0, 40, 40, 0))
+
+
+def test_items_without_a_patch_grid_have_no_heatmap(any_model):
+    model = any_model("instructblip")
+    with pytest.raises(ValueError, match="no patch grid"):
+        view_extent(model, (28, 28))
 
 
 def test_heatmap_for_rejects_a_different_picture(models):

@@ -38,10 +38,16 @@ class ArchitectureSpec:
     architecture outside compatibility mode (listed in docs/hooks.md).
     ``check_inputs(config, inputs)``: architecture-specific input checks (raise ValueError).
     ``encoder_modality``: the modality whose items feed the non-language-model neuron hooks.
+    ``nested_images``: the processor takes one list of images per prompt (Gemma 3), not one
+    flat list.
     ``image_geometry``: where a view's patch grid lies on the original picture, for heatmaps:
     ``"llava"`` (computed from the LLaVA/LLaVA-NeXT image processor, see mm_lens.visualize),
     ``"whole"`` (every view's grid spans the whole picture, resized without crop or pad), or
     ``None`` (the items have no patch grid, e.g. Q-Former queries or audio).
+    ``derived_inputs(config, inputs)``: HF inputs ``prepare_inputs`` adds to the processor's
+    (InstructBLIP: ``position_ids``, as its processor puts the image tokens before the padding).
+    ``prompt_placeholders``: the prompt text holds one placeholder token per media item; False
+    where the processor inserts the feature tokens itself (InstructBLIP).
     """
 
     hf_class: str
@@ -55,7 +61,10 @@ class ArchitectureSpec:
     inert_hooks: tuple[str, ...] = ()
     check_inputs: Callable[[Any, Mapping[str, Any]], None] | None = None
     encoder_modality: str = "image"
+    nested_images: bool = False
     image_geometry: str | None = "llava"
+    derived_inputs: Callable[[Any, Mapping[str, Any]], Mapping[str, Any]] | None = None
+    prompt_placeholders: bool = True
 
     def token_ids(self, config: Any) -> dict[str, int]:
         """Modality -> placeholder token id of this model's config."""

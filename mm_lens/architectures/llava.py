@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
+from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
 from transformer_lens.model_bridge.supported_architectures.llava import LlavaArchitectureAdapter
 from transformer_lens.model_bridge.supported_architectures.llava_next import LlavaNextArchitectureAdapter
 from transformers.image_processing_utils import select_best_resolution
@@ -44,13 +45,16 @@ INERT_HOOKS = (
 )
 
 
-def _with_neuron_hooks(adapter: LlavaArchitectureAdapter) -> None:
+def _with_neuron_hooks(adapter: ArchitectureAdapter, projector: bool = True) -> None:
+    """Swap in the gated MLP with ``hook_act`` and (``projector``) the two-layer projector
+    with ``hook_hidden``."""
     mapping = adapter.components
     blocks = mapping["blocks"]
     blocks.submodules["mlp"] = NeuronGatedMLPBridge(
         name="mlp", config=adapter.cfg, submodules=dict(blocks.submodules["mlp"].submodules)
     )
-    mapping["vision_projector"] = NeuronProjectorBridge(name="model.multi_modal_projector")
+    if projector:
+        mapping["vision_projector"] = NeuronProjectorBridge(name="model.multi_modal_projector")
 
 
 class LlavaNeuronAdapter(LlavaArchitectureAdapter):
@@ -99,10 +103,21 @@ def llava_layouts(config: Any, inputs: Mapping[str, Any]) -> list[ImageLayout]:
     return [_grid_layout(_patch_grid(config), with_cls) for _ in range(n_images)]
 
 
-def _anyres_layout(config: Any, image_size: tuple[int, int]) -> ImageLayout:
-    """LLaVA-NeXT: base view, then the unpadded high-resolution grid, one newline per row."""
-    if config.vision_feature_select_strategy != "default":
-        raise ValueError("LLaVA-NeXT layouts are defined for vision_feature_select_strategy='default' only")
+class AnyresGrid(NamedTuple):
+    """An anyres image's tiling (``tiles_h`` x ``tiles_w`` views of ``side`` x ``side``
+    patches) and the part of its tiled patch grid HF's ``unpad_image`` keeps (``rows`` x
+    ``cols`` from ``top``, ``left``)."""
+
+    side: int
+    tiles_h: int
+    tiles_w: int
+    top: int
+    left: int
+    rows: int
+    cols: int
+
+
+def anyres_grid(config: Any, image_size: tuple[int, int]) -> AnyresGrid:
     side, tile_px = _patch_grid(config), config.vision_config.image_size
     height, width = image_size
     best_h, best_w = select_best_resolution((height, width), config.image_grid_pinpoints)
@@ -118,23 +133,36 @@ def _anyres_layout(config: Any, image_size: tuple[int, int]) -> ImageLayout:
         new_w = int(round(width * (full_h / height), 7))
         left = (full_w - new_w) // 2
         cols_kept = full_w - 2 * left
+    return AnyresGrid(side, tiles_h, tiles_w, top, left, rows_kept, cols_kept)
 
+
+def _anyres_layout(config: Any, image_size: tuple[int, int], shape: tuple[int, int] | None = None) -> ImageLayout:
+    """Base view, then the high-resolution grid with one newline per row: HF's unpadded grid
+    or, with ``shape``, that grid resized to ``shape`` (LLaVA-OneVision downsizes large grids
+    bilinearly; each cell is then named after the patch under its centre, with feature -1
+    since it mixes several)."""
+    grid = anyres_grid(config, image_size)
+    side = grid.side
+    rows, cols = shape or (grid.rows, grid.cols)
     base = _grid_layout(side, with_cls=False)
-    r, c = torch.meshgrid(torch.arange(rows_kept), torch.arange(cols_kept + 1), indexing="ij")
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols + 1), indexing="ij")
     r, c = r.flatten(), c.flatten()
-    newline = c == cols_kept
-    padded_r, padded_c = r + top, c + left
-    tile = 1 + (padded_r // side) * tiles_w + padded_c // side
+    newline = c == cols
+    # the patch of the padded grid under each cell's centre (the cell itself when not resized)
+    padded_r = ((r + 0.5) * grid.rows / rows).long() + grid.top
+    padded_c = ((c + 0.5) * grid.cols / cols).long() + grid.left
+    tile = 1 + (padded_r // side) * grid.tiles_w + padded_c // side
     feature = tile * side * side + (padded_r % side) * side + padded_c % side
+    n_tiles = 1 + grid.tiles_h * grid.tiles_w
     return ImageLayout(
         tile=torch.cat([base.tile, torch.where(newline, -1, tile)]),
         row=torch.cat([base.row, r]),
         col=torch.cat([base.col, torch.where(newline, -1, c)]),
-        feature=torch.cat([base.feature, torch.where(newline, -1, feature)]),
+        feature=torch.cat([base.feature, torch.where(newline | (shape is not None), -1, feature)]),
         newline=torch.cat([base.newline, newline]),
-        grids=((side, side), (rows_kept, cols_kept)),
-        n_features=(1 + tiles_h * tiles_w) * side * side,
-        n_tiles=1 + tiles_h * tiles_w,
+        grids=((side, side), (rows, cols)),
+        n_features=n_tiles * side * side,
+        n_tiles=n_tiles,
     )
 
 
@@ -151,6 +179,8 @@ def llava_next_layouts(config: Any, inputs: Mapping[str, Any]) -> list[ImageLayo
     image_sizes = inputs.get("image_sizes")
     if inputs.get("pixel_values") is None:
         return []
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError("LLaVA-NeXT layouts are defined for vision_feature_select_strategy='default' only")
     if image_sizes is None:
         raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values; build inputs with the model's processor")
     return [_anyres_layout(config, (int(h), int(w))) for h, w in torch.as_tensor(image_sizes).tolist()]
