@@ -10,7 +10,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from mm_lens.statistics import POSITION_CLASSES, NeuronStats, NeuronStatsCollector
+from mm_lens.statistics import NeuronStats, NeuronStatsCollector
 
 Sample = Mapping[str, Any]  # "question" (str), "image" (PIL image, list of them, or None), "domain" (str)
 
@@ -56,7 +56,7 @@ def collect_neuron_stats(
     *,
     domains: Sequence[str] | None = None,
     modules: Sequence[str] | None = None,
-    classes: Sequence[str] = POSITION_CLASSES,
+    classes: Sequence[str] | None = None,
     batch_size: int = 8,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 20,
@@ -81,7 +81,7 @@ def collect_neuron_stats(
     collector = NeuronStatsCollector(model, domains, modules, classes)
     settings = {
         "n_samples": len(labels), "batch_size": batch_size, "domains": list(domains),
-        "modules": list(collector.hooks), "classes": list(classes), "rank": rank, "world_size": world,
+        "modules": list(collector.hooks), "classes": list(collector.stats.classes), "rank": rank, "world_size": world,
     }
     done = 0
     path = None if checkpoint is None else Path(f"{checkpoint}.rank{rank}" if world > 1 else checkpoint)

@@ -11,7 +11,8 @@ last non-padding position of each row); ``video`` and ``audio`` may be asked for
 Encoder positions (vision tower, Q-Former, projector; the audio encoder of an audio model)
 belong to the encoder's modality (``model.spec.encoder_modality``): they count in that class
 and ``all``. Encoder hooks' leading rows are split between items in proportion to their
-``ModalityMap.image_tiles`` units, so packed encoders (Qwen2-VL) work as batched ones do.
+``ModalityMap.image_tiles`` units, so packed encoders (Qwen2-VL) work as batched ones do;
+rows the architecture marks as padding (``spec.encoder_rows``) are left out.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from einops import rearrange, reduce
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mm_lens.io import load_tensors, save_tensors
@@ -31,6 +32,12 @@ from mm_lens.modality import ModalityMap
 POSITION_CLASSES: tuple[str, ...] = ("image", "text", "all", "last")
 MEDIA_CLASSES: tuple[str, ...] = ("image", "video", "audio")
 ALL_POSITION_CLASSES: tuple[str, ...] = POSITION_CLASSES + ("video", "audio")
+
+
+def default_classes(model: Any) -> tuple[str, ...]:
+    """``POSITION_CLASSES`` with the model's encoder modality in place of ``image``
+    (``("audio", "text", "all", "last")`` for an audio model)."""
+    return (model.spec.encoder_modality, *POSITION_CLASSES[1:])
 _FIELDS = ("over_zero", "sum", "sum_sq", "max", "min", "n_tokens")
 
 
@@ -161,6 +168,7 @@ class NeuronStatsCollector:
 
     ``update(batch, domains)`` runs one forward with hooks that reduce each neuron module's
     activation into the running statistics; ``domains[i]`` labels row ``i`` of the batch.
+    ``classes`` defaults to ``default_classes(model)``.
     """
 
     def __init__(
@@ -168,8 +176,9 @@ class NeuronStatsCollector:
         model: Any,
         domains: Sequence[str],
         modules: Sequence[str] | None = None,
-        classes: Sequence[str] = POSITION_CLASSES,
+        classes: Sequence[str] | None = None,
     ):
+        classes = default_classes(model) if classes is None else classes
         unknown = set(classes) - set(ALL_POSITION_CLASSES)
         if unknown:
             raise ValueError(f"unknown position classes {sorted(unknown)}; choose from {', '.join(ALL_POSITION_CLASSES)}")
@@ -206,18 +215,22 @@ class NeuronStatsCollector:
         if unknown:
             raise ValueError(f"domain labels {unknown} are not among the collector's domains {list(self.stats.domains)}")
         domain_of_row = torch.tensor([self.stats.domains.index(d) for d in domains])
-        segments = _segments(mm, domain_of_row, self.stats.classes, self.model.spec.encoder_modality)
+        spec = self.model.spec
+        segments = _segments(mm, domain_of_row, self.stats.classes, spec.encoder_modality)
+        real_rows = {} if spec.encoder_rows is None else spec.encoder_rows(self.model.hf_model.config, batch.inputs)
         return [
-            (name, self._reducer(module, layer, segments, on_sequence=name.startswith("blocks.")))
+            (name, self._reducer(module, layer, segments, name.startswith("blocks."), real_rows.get(module)))
             for module, hooks in self.hooks.items()
             for layer, name in enumerate(hooks)
         ]
 
-    def _reducer(self, module: str, layer: int, segments: "_Segments", on_sequence: bool) -> Callable:
+    def _reducer(
+        self, module: str, layer: int, segments: "_Segments", on_sequence: bool, real_rows: Tensor | None
+    ) -> Callable:
         stats = self.stats.modules[module]
 
         def reduce_into_stats(act: Tensor, hook: Any) -> None:
-            rows, spans = segments.select(act, on_sequence)
+            rows, spans = segments.select(act, on_sequence, real_rows)
             for start, end, destinations in spans:
                 values = rows[start:end]
                 wide = values.double()
@@ -253,12 +266,15 @@ class _Segments:
     crop_spans: list[Span]
     shape: tuple[int, int]
 
-    def select(self, act: Tensor, on_sequence: bool) -> tuple[Tensor, list[Span]]:
+    def select(
+        self, act: Tensor, on_sequence: bool, real_rows: Bool[Tensor, "unit row"] | None = None
+    ) -> tuple[Tensor, list[Span]]:
         """Rows ``[m, neuron]`` of ``act`` in span order, and the spans.
 
         ``on_sequence``: ``act`` is ``[batch, pos, neuron]`` (language model); otherwise an
         encoder tensor whose leading axes hold the items' units (``[crops, tokens, neuron]``
-        for LLaVA's vision tower, ``[patches, neuron]`` for a packed encoder).
+        for LLaVA's vision tower, ``[patches, neuron]`` for a packed encoder), of which only
+        ``real_rows`` (``[unit, rows per unit]``, when given) are kept.
         """
         if on_sequence:
             if tuple(act.shape[:2]) != self.shape:
@@ -272,8 +288,19 @@ class _Segments:
                 "mixed with images)"
             )
         per_unit = rows.shape[0] // len(self.crops)
-        spans = [(start * per_unit, end * per_unit, groups) for start, end, groups in self.crop_spans]
-        return rows.reshape(len(self.crops), per_unit, -1)[self.crops].flatten(0, 1), spans
+        units = rows.reshape(len(self.crops), per_unit, -1)[self.crops]
+        if real_rows is None:
+            spans = [(start * per_unit, end * per_unit, groups) for start, end, groups in self.crop_spans]
+            return units.flatten(0, 1), spans
+        if tuple(real_rows.shape) != (len(self.crops), per_unit):
+            raise ValueError(
+                f"an encoder hook saw {len(self.crops)} units of {per_unit} rows but its real-row mask is "
+                f"{list(real_rows.shape)}"
+            )
+        keep = real_rows.to(units.device)[self.crops]
+        ends = torch.cat([torch.zeros(1, dtype=torch.long), keep.sum(1).cumsum(0).cpu()]).tolist()
+        spans = [(ends[start], ends[end], groups) for start, end, groups in self.crop_spans]
+        return units[keep], spans
 
 
 def _segments(mm: ModalityMap, domain_of_row: Tensor, classes: Sequence[str], encoder_modality: str) -> _Segments:

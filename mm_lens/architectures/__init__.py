@@ -46,6 +46,9 @@ class ArchitectureSpec:
     ``None`` (the items have no patch grid, e.g. Q-Former queries or audio).
     ``derived_inputs(config, inputs)``: HF inputs ``prepare_inputs`` adds to the processor's
     (InstructBLIP: ``position_ids``, as its processor puts the image tokens before the padding).
+    ``encoder_rows(config, inputs)``: encoder neuron module -> ``[units, rows]`` bool mask of
+    the rows of its hooks that are real (the rest is padding the encoder runs on: Qwen2-Audio's
+    padded frames, the Q-Former's padded instruction); statistics count real rows only.
     ``prompt_placeholders``: the prompt text holds one placeholder token per media item; False
     where the processor inserts the feature tokens itself (InstructBLIP).
     """
@@ -65,6 +68,7 @@ class ArchitectureSpec:
     image_geometry: str | None = "llava"
     derived_inputs: Callable[[Any, Mapping[str, Any]], Mapping[str, Any]] | None = None
     prompt_placeholders: bool = True
+    encoder_rows: Callable[[Any, Mapping[str, Any]], Mapping[str, Any]] | None = None
 
     def token_ids(self, config: Any) -> dict[str, int]:
         """Modality -> placeholder token id of this model's config."""

@@ -31,8 +31,8 @@ Hook names (``{l}`` a layer):
 - ``blocks.{l}...`` the language model as for LLaVA (``blocks.{l}.mlp.hook_act`` the
   ``lm_mlp`` neurons).
 
-The Q-Former's instruction rows include the padding of ``qformer_attention_mask``: encoder
-hooks are read whole, so ``qformer_intermediate`` statistics count those rows too.
+The Q-Former's instruction rows include the padding of ``qformer_attention_mask``;
+statistics leave those rows out (``real_instruction_rows``).
 """
 
 from __future__ import annotations
@@ -294,6 +294,13 @@ def check_instructblip_inputs(config: Any, inputs: Mapping[str, Any]) -> None:
         )
 
 
+def real_instruction_rows(config: Any, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
+    """``qformer_intermediate``: ``[images, instruction]``, the non-padding instruction tokens
+    of each image's Q-Former input (one image per row)."""
+    mask = inputs.get("qformer_attention_mask")
+    return {} if mask is None else {"qformer_intermediate": torch.as_tensor(mask).bool().cpu()}
+
+
 def mask_positions(config: Any, inputs: Mapping[str, Any]) -> dict[str, Int[Tensor, "batch pos"]]:
     """``position_ids`` counting each row's attended tokens, as HF's ``generate`` (and LAVIS)
     number them: the processor puts the query tokens before the padding, so under left
@@ -312,6 +319,7 @@ INSTRUCTBLIP = ArchitectureSpec(
     inert_hooks=INERT_HOOKS,
     check_inputs=check_instructblip_inputs,
     image_geometry=None,
+    encoder_rows=real_instruction_rows,
     derived_inputs=mask_positions,
     prompt_placeholders=False,
 )

@@ -117,6 +117,17 @@ def qwen2_audio_layouts(config: Any, inputs: Mapping[str, Any]) -> list[ImageLay
     return [_clip_layout(int(n)) for n in counts]
 
 
+def real_encoder_frames(config: Any, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
+    """``audio_mlp``: ``[clips, max_source_positions]``, True on the encoder frames of each
+    clip's unpadded audio (the stride-2 convolution of its ``L`` mel frames gives
+    ``(L - 1) // 2 + 1``); the encoder also runs on the padding up to its fixed length."""
+    if inputs.get("input_features") is None:
+        return {}
+    frames = (torch.as_tensor(inputs["feature_attention_mask"]).sum(-1).cpu() - 1) // 2 + 1
+    positions = torch.arange(config.audio_config.max_source_positions)
+    return {"audio_mlp": positions[None, :] < frames[:, None]}
+
+
 def check_audio_inputs(config: Any, inputs: Mapping[str, Any]) -> None:
     """``input_features`` ``[clips, mel, frames]`` come with a ``feature_attention_mask``
     ``[clips, frames]``, have the encoder's mel bins and input length, and every clip gives
@@ -156,5 +167,7 @@ QWEN2_AUDIO = ArchitectureSpec(
     inert_hooks=INERT_HOOKS,
     check_inputs=check_audio_inputs,
     encoder_modality="audio",
+    image_geometry=None,
+    encoder_rows=real_encoder_frames,
 )
 SPECS = (QWEN2_AUDIO,)

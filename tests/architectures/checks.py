@@ -8,7 +8,7 @@ by the untouched HF model, never by mm_lens.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -93,31 +93,48 @@ def assert_zeroing_matches_hf_hook(model: Any, hf_reference: Any, batch: Any, ch
     assert (ours - model(batch))[mask].abs().max() > 1e-6
 
 
-def _cached_totals(model: Any, samples: Sequence[dict], batch_size: int) -> dict[str, tuple[Tensor, Tensor]]:
+RealRows = Callable[[Any], Mapping[str, Tensor]]
+
+
+def _cached_totals(
+    model: Any, samples: Sequence[dict], batch_size: int, real_rows: RealRows | None
+) -> dict[str, tuple[Tensor, Tensor]]:
     """Per neuron hook: (activations > 0 per neuron, rows) over every sample, straight from
-    ``run_with_cache`` (language-model hooks read at non-padding positions)."""
+    ``run_with_cache`` (language-model hooks read at non-padding positions; encoder hooks
+    whole, or where ``real_rows(batch)[module]`` ``[units, rows]`` is True)."""
     totals: dict[str, tuple[Tensor, Tensor]] = {}
     names = [name for hooks in model.neuron_hooks.values() for name in hooks]
+    module_of = {name: module for module, hooks in model.neuron_hooks.items() for name in hooks}
     for _, chunk in sample_chunks(samples, batch_size):
         batch = prompt_batch(model, chunk)
         _, cache = model.run_with_cache(batch, names_filter=names)
+        masks = {} if real_rows is None else real_rows(batch)
         for name in names:
             if name not in cache.keys():
                 continue
             act = cache[name]
-            rows = act[~batch.modality_map.mask("padding")] if name.startswith("blocks.") else act.reshape(-1, act.shape[-1])
+            if name.startswith("blocks."):
+                rows = act[~batch.modality_map.mask("padding")]
+            elif module_of[name] in masks:
+                mask = masks[module_of[name]]
+                rows = act.reshape(*mask.shape, act.shape[-1])[mask]
+            else:
+                rows = act.reshape(-1, act.shape[-1])
             fired, count = (rows > 0).sum(0), torch.tensor(rows.shape[0])
             previous = totals.get(name, (0, 0))
             totals[name] = (previous[0] + fired, previous[1] + count)
     return totals
 
 
-def assert_analyses_run(model: Any, samples: Sequence[dict], clean: Any, corrupted: Any, media: str = "image") -> None:
+def assert_analyses_run(
+    model: Any, samples: Sequence[dict], clean: Any, corrupted: Any, media: str = "image", real_rows: RealRows | None = None
+) -> None:
     """One run of each analysis on ``samples`` (dicts with question, domain, answer and an
     ``image`` or ``audio``) and a clean/corrupted pair differing in their media:
 
     - statistics: firing counts and position counts summed over domains equal a plain
-      ``run_with_cache`` count, for every neuron hook (LM and encoder);
+      ``run_with_cache`` count, for every neuron hook (LM and encoder; ``real_rows(batch)``
+      gives, for encoder modules that run on padding, the ``[units, rows]`` real rows);
     - domain selection (LAPE) gives valid indices, and deactivating them runs;
     - MINER scores are finite and LA_MU selects ``int(ratio * L * N) // 2`` LM neurons per modality;
     - logit lens after the last layer equals the model's own log-probabilities;
@@ -126,7 +143,7 @@ def assert_analyses_run(model: Any, samples: Sequence[dict], clean: Any, corrupt
     classes = (media, "text", "all", "last")
     stats = collect_neuron_stats(model, samples, batch_size=2, classes=classes, progress=False)
     hooks = model.neuron_hooks
-    for name, (fired, rows) in _cached_totals(model, samples, 2).items():
+    for name, (fired, rows) in _cached_totals(model, samples, 2, real_rows).items():
         module = next(m for m, names in hooks.items() if name in names)
         layer = hooks[module].index(name)
         assert torch.equal(stats.over_zero(module, "all")[layer].sum(-1), fired.long()), name

@@ -220,14 +220,16 @@ def test_encoder_neuron_zeroing_matches_hf_hook(model, hf_reference):
 
 def test_encoder_statistics_count_every_image(model):
     """Vision rows are 1 + patches per image, Q-Former query rows num_query_tokens, and
-    instruction rows the Q-Former's (padded) instruction length, all in the image class."""
+    instruction rows the Q-Former's unpadded instruction tokens, all in the image class."""
     samples = [{"question": p, "image": random_image(30, 40, i), "domain": "d"} for i, p in enumerate(PROMPTS)]
     stats = collect_neuron_stats(model, samples, batch_size=2, progress=False)
     config = model.hf_model.config
     patches = 1 + (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     assert stats.n_tokens("vision_mlp", "image")[0].sum() == 3 * patches
     assert stats.n_tokens("qformer_intermediate_query", "image")[0].sum() == 3 * config.num_query_tokens
-    instruction_rows = sum(len(chunk) * prompt_batch(model, chunk)["qformer_input_ids"].shape[1] for _, chunk in sample_chunks(samples, 2))
+    batches = [prompt_batch(model, chunk) for _, chunk in sample_chunks(samples, 2)]
+    instruction_rows = sum(int(batch["qformer_attention_mask"].sum()) for batch in batches)
+    assert instruction_rows < sum(batch["qformer_attention_mask"].numel() for batch in batches)  # some padding left out
     assert stats.n_tokens("qformer_intermediate", "image")[0].sum() == instruction_rows
 
 
@@ -239,7 +241,9 @@ def test_shared_architecture_checks_hold(model, hf_reference):
     prompts = ["what is the color", "how many are there"]  # same length: patching needs rows alike
     clean = model.prepare_inputs(prompts, [random_image(30, 50, 0)] * 2)
     corrupted = model.prepare_inputs(prompts, [random_image(30, 50, 9)] * 2)
-    assert_analyses_run(model, samples, clean, corrupted)
+    assert_analyses_run(
+        model, samples, clean, corrupted, real_rows=lambda batch: {"qformer_intermediate": batch["qformer_attention_mask"].bool()}
+    )
 
 
 def test_answer_scoring_runs(model):

@@ -20,6 +20,7 @@ from transformers import Qwen2AudioForConditionalGeneration
 
 from mm_lens import HookedMLLM
 from mm_lens.architectures.qwen2_audio import audio_token_counts
+from mm_lens.collect import collect_neuron_stats, prompt_batch, sample_chunks
 
 RATE = 16000  # the tiny feature extractor's sampling rate; a clip is padded to 1 s (100 frames)
 PROMPTS = ["what is this", "how many are there", "describe the picture"]
@@ -233,9 +234,31 @@ def audio_samples(n: int = 6) -> list[dict]:
     ]
 
 
-def test_analyses_run_on_text_and_audio(model):
+def test_analyses_run_on_text_and_audio(model, hf_reference):
     prompts = ["what is the color", "how many are there"]  # same length: patching needs rows placed alike
     clean = model.prepare_inputs(prompts, audios=[waveform(9000, 0), waveform(9000, 1, "tone")])
     corrupted = model.prepare_inputs(prompts, audios=[waveform(9000, 5), waveform(9000, 6, "chirp")])
     assert torch.equal(clean.modality_map.modality, corrupted.modality_map.modality)
-    assert_analyses_run(model, audio_samples(), clean, corrupted, media="audio")
+    assert_analyses_run(model, audio_samples(), clean, corrupted, media="audio", real_rows=_unpadded_encoder_frames(hf_reference))
+
+
+def _unpadded_encoder_frames(hf_model):
+    """Reference for the audio encoder's real rows: the untouched HF model's output-length
+    function gives each clip's frames after the stride-2 convolution (its first value)."""
+    length_of = hf_model.model.audio_tower._get_feat_extract_output_lengths
+    positions = torch.arange(hf_model.config.audio_config.max_source_positions)
+
+    def real_rows(batch):
+        frames, _ = length_of(batch["feature_attention_mask"].sum(-1))
+        return {"audio_mlp": positions[None, :] < frames[:, None]}
+
+    return real_rows
+
+
+def test_audio_statistics_count_unpadded_encoder_frames_only(model, hf_reference):
+    samples = [s for s in audio_samples() if s["audio"] is not None]
+    stats = collect_neuron_stats(model, samples, batch_size=2, progress=False)  # default classes: audio, text, all, last
+    batches = [prompt_batch(model, chunk) for _, chunk in sample_chunks(samples, 2)]
+    real = sum(int(_unpadded_encoder_frames(hf_reference)(batch)["audio_mlp"].sum()) for batch in batches)
+    assert real < len(samples) * model.hf_model.config.audio_config.max_source_positions  # padding left out
+    assert int(stats.n_tokens("audio_mlp", "audio").sum()) == real
