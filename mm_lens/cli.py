@@ -184,7 +184,7 @@ def inspect(
 @app.command("build-tiny")
 def build_tiny(
     folder: Path = typer.Argument(..., help="Where to write the model."),
-    arch: str = typer.Option("llava_next", help="llava or llava_next"),
+    arch: str = typer.Option("llava_next", help="one of the tiny builders: llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, instructblip, qwen2_audio, gemma3, idefics3"),
 ) -> None:
     """Write a tiny random-initialised model (weights, tokenizer, processor) to a folder."""
     from mm_lens.tiny import TINY_BUILDERS

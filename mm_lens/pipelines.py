@@ -326,9 +326,12 @@ def run_logit_lens(
         raise ValueError("no sample has an image; the logit lens on image tokens needs some")
     summary = logit_lens_summary(model, with_images, positions=positions, batch_size=batch_size, progress=progress)
     summary.save(out / "lens.safetensors")
-    stages = summary.stages()
-    text = summary.table() + "\n\nstages (first layer of stage 2, first layer of stage 3):\n"
-    text += "\n".join(f"  {domain}: {b1}, {b2}" for domain, (b1, b2) in stages.items()) + "\n"
+    text = summary.table() + "\n\n"
+    if len(summary.layers) >= 3:
+        text += "stages (first layer of stage 2, first layer of stage 3):\n"
+        text += "\n".join(f"  {domain}: {b1}, {b2}" for domain, (b1, b2) in summary.stages().items()) + "\n"
+    else:
+        text += f"no three-stage split: the model has {len(summary.layers)} layer(s), fewer than 3\n"
     (out / "logit_lens.txt").write_text(text)
     figure = summary.plot()
     _save_figure(figure, out / "logit_lens.png")

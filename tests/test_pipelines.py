@@ -68,3 +68,13 @@ def test_counterfactual_pair_missing_is_a_clear_error(images):
     lonely = [{"question": "what", "answer": "red", "domain": "d", "image": images[0]}]
     with pytest.raises(ValueError, match="no two samples of domain 'd'"):
         counterfactual_pair(lonely, "d")
+
+
+def test_run_logit_lens_on_a_model_too_shallow_for_stages_says_so(model, tmp_path):
+    from mm_lens.pipelines import run_logit_lens
+
+    assert model.cfg.n_layers == 2
+    run = run_logit_lens(model, make_samples(6), tmp_path, progress=False)
+    text = (tmp_path / "logit_lens.txt").read_text()
+    assert "no three-stage split: the model has 2 layer(s)" in text
+    assert len(run.summary.layers) == 2 and (tmp_path / "report.html").exists()
