@@ -262,3 +262,15 @@ def test_audio_statistics_count_unpadded_encoder_frames_only(model, hf_reference
     real = sum(int(_unpadded_encoder_frames(hf_reference)(batch)["audio_mlp"].sum()) for batch in batches)
     assert real < len(samples) * model.hf_model.config.audio_config.max_source_positions  # padding left out
     assert int(stats.n_tokens("audio_mlp", "audio").sum()) == real
+
+
+def test_miner_pipeline_runs_on_text_and_audio(model, tmp_path):
+    from mm_lens.pipelines import run_miner
+
+    speech = [s for s in audio_samples(8) if s["audio"] is not None][:4]
+    text_only = [dict(s, audio=None) for s in audio_samples(3)]
+    run = run_miner(model, {"sounds": speech, "text": text_only}, tmp_path, modalities=("text", "audio"), ratio=0.1,
+                    seeds=(0,), evaluation_samples=3, max_new_tokens=2, progress=False)
+    assert run.deactivation.groups == ["text", "audio", "(all)"]
+    assert run.scores.present.tolist() == [[True, True], [True, False]]  # datasets sorted as given: sounds, text
+    assert "audio" in (tmp_path / "neurons.txt").read_text() and (tmp_path / "report.html").stat().st_size > 0
