@@ -22,8 +22,10 @@ Decisions:
 - Shares are reduced inside hooks on ``hook_pattern`` (``[batch, head, modality]`` kept per
   layer), not read from ``run_with_cache``: a cached pattern of a LLaVA-NeXT prompt is
   ``layers x heads x pos^2`` floats, tens of GB for a 7B model.
-- Edges cut are query -> key pairs the model can attend along: key at or before the query
-  (causal), key not padding. Padding queries are never touched.
+- Edges cut are query -> key pairs the model can attend along: the selected pairs the
+  model's own mask leaves open, read from the hooked tensor itself (causal, sliding windows,
+  Gemma 3's bidirectional image blocks alike); keys that are padding are never cut, and
+  padding queries are never touched.
 - ``renormalize=False`` (default): the edges' pattern entries are set to 0 after the softmax
   (``hook_pattern``), the same as removing those keys' value vectors for those queries only;
   the query's other weights are unchanged, so its row sums to less than 1.
@@ -288,24 +290,19 @@ def attention_to_modalities(
 
 
 # ---- knockout --------------------------------------------------------------------------
-def _edges(
-    modality_map: ModalityMap, query: Positions, keys: Positions, renormalize: bool
-) -> Bool[Tensor, "batch q k"]:
-    """Query -> key pairs to cut: selected, causal, key not padding (see module docstring)."""
+def _edges(modality_map: ModalityMap, query: Positions, keys: Positions) -> Bool[Tensor, "batch q k"]:
+    """Query -> key pairs to cut, if the model attends along them: selected, key not padding
+    (the model's mask is applied by the hook, see ``_Knockout``)."""
     queries, keyed = _positions(modality_map, query, "query"), _positions(modality_map, keys, "keys")
-    pos = modality_map.shape[1]
-    causal = torch.ones(pos, pos, dtype=torch.bool).tril()
-    allowed = causal & rearrange(~modality_map.mask("padding"), "batch k -> batch 1 k")
-    edges = allowed & rearrange(queries, "batch q -> batch q 1") & rearrange(keyed, "batch k -> batch 1 k")
-    if renormalize:  # a query left with no key would not renormalise: keep it whole
-        left = (allowed & ~edges).any(dim=-1)
-        edges &= rearrange(left, "batch q -> batch q 1")
-    return edges
+    keyed = keyed & ~modality_map.mask("padding")
+    return rearrange(queries, "batch q -> batch q 1") & rearrange(keyed, "batch k -> batch 1 k")
 
 
 class _Knockout:
     """Hook function cutting ``edges`` (``[batch, q, k]``) in every head of a
-    ``hook_pattern`` (fill 0) or ``hook_attn_scores`` (fill -inf) tensor."""
+    ``hook_pattern`` (fill 0; entries the mask closed are 0 already) or ``hook_attn_scores``
+    (fill -inf) tensor. On scores, only pairs the model's mask leaves open are cut, and a
+    query that would be left with no open key is left whole (nothing to renormalise over)."""
 
     def __init__(self, edges: Bool[Tensor, "batch q k"], fill: float):
         self.edges, self.fill, self.shape = edges, fill, (edges.shape[0], edges.shape[1])
@@ -318,7 +315,12 @@ class _Knockout:
             return act
         if act.device not in self._on_device:
             self._on_device[act.device] = rearrange(self.edges.to(act.device), "batch q k -> batch 1 q k")
-        return act.masked_fill(self._on_device[act.device], self.fill)
+        cut = self._on_device[act.device]
+        if self.fill == float("-inf"):
+            open_ = act > torch.finfo(act.dtype).min / 2  # HF masks with -inf or the dtype's minimum
+            cut = cut & open_
+            cut = cut & (open_ & ~cut).any(dim=-1, keepdim=True)
+        return act.masked_fill(cut, self.fill)
 
 
 def _knockout_pairs(
@@ -347,7 +349,7 @@ def knockout_hooks(
     its weight) instead of after it; see the module docstring.
     """
     modality_map = _map_of(modality_map)
-    return _knockout_pairs(model, _edges(modality_map, query, keys, renormalize), _layers(model, layers), renormalize)
+    return _knockout_pairs(model, _edges(modality_map, query, keys), _layers(model, layers), renormalize)
 
 
 @contextlib.contextmanager
@@ -430,7 +432,7 @@ def knockout_effect(
     ``batch``: a ``MultimodalBatch``; other arguments as in ``knockout_hooks``.
     """
     modality_map = _map_of(batch)
-    edges = _edges(modality_map, query, keys, renormalize)
+    edges = _edges(modality_map, query, keys)
     layers = _layers(model, layers)
     clean = _scalar(metric(model(batch)))
     groups = [[layer] for layer in layers] if per_layer else [layers]

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from mm_lens.inputs import sample_prompt
 from mm_lens.statistics import NeuronStats, NeuronStatsCollector
 
 Sample = Mapping[str, Any]  # "question" (str), "image" (PIL image, list of them, or None), "domain" (str)
@@ -27,15 +28,25 @@ def sample_column(samples: Sequence[Sample], name: str) -> list[Any]:
         raise ValueError(f"a sample has no {name!r} field; samples need question, image and domain") from error
 
 
+def chunk_media(chunk: Sequence[Sample]) -> dict[str, list[Any]]:
+    """``prepare_inputs`` keywords for the media of some samples: ``images`` (from ``image``),
+    and where any sample has one, ``videos`` (``video``, frames) and ``audios`` (``audio``,
+    a waveform)."""
+    media = {"images": [s.get("image") for s in chunk]}
+    for keyword, name in (("videos", "video"), ("audios", "audio")):
+        if any(s.get(name) is not None for s in chunk):
+            media[keyword] = [s.get(name) for s in chunk]
+    return media
+
+
 def prompt_batch(model: Any, chunk: Sequence[Sample]) -> Any:
-    """The model batch of some samples' questions and media (chat template, left padding):
-    ``image``, and where any sample has one, ``video`` (frames) and ``audio`` (waveform)."""
-    media = {
-        keyword: [s.get(field) for s in chunk]
-        for keyword, field in (("videos", "video"), ("audios", "audio"))
-        if any(s.get(field) is not None for s in chunk)
-    }
-    return model.prepare_inputs([s["question"] for s in chunk], [s.get("image") for s in chunk], **media)
+    """The model batch of some samples' questions and media (chat template, left padding)."""
+    return model.prepare_inputs([s["question"] for s in chunk], **chunk_media(chunk))
+
+
+def chat_prompt(model: Any, sample: Sample) -> str:
+    """The chat prompt ``prompt_batch`` builds for one sample, as text."""
+    return sample_prompt(model.processor, sample["question"], sample.get("image"), videos=sample.get("video"), audios=sample.get("audio"))
 
 
 def sample_chunks(samples: Sequence[Sample], batch_size: int) -> Iterator[tuple[int, list[Sample]]]:

@@ -21,9 +21,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mm_lens.attention import attention_to_modalities, knockout_effect
-from mm_lens.collect import Sample, prompt_batch, sample_chunks
+from mm_lens.collect import Sample, chat_prompt, prompt_batch, sample_chunks
 from mm_lens.deactivation import deactivated
-from mm_lens.inputs import answer_token_ids, sample_prompt
+from mm_lens.inputs import answer_token_ids
 from mm_lens.io import load_tensors, save_tensors
 from mm_lens.modality import MODALITIES
 from mm_lens.modality_neurons import modality_masks
@@ -176,7 +176,7 @@ def _first_answer_logprob(model: Any, chunk: Sequence[Sample], last: Tensor):
     """Metric for knockout: mean log-probability of each answer's first token at the last
     prompt position."""
     first = torch.tensor([
-        answer_token_ids(model.processor, sample_prompt(model.processor, s["question"], s.get("image")), s["answer"])[0]
+        answer_token_ids(model.processor, chat_prompt(model, s), s["answer"])[0]
         for s in chunk
     ])
     rows = torch.arange(len(chunk))

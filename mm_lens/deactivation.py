@@ -21,10 +21,12 @@ Decisions:
   (``"text"``, ``"image"``, ``"special"``, ``"padding"``, ...) and ``"last"`` (the last
   non-padding position of each row). Only language-model hooks (``[batch, pos, ...]``) are
   restricted by position, with ``modality_map`` describing the prompt. Encoder tensors
-  (vision tower, Q-Former, projector; an audio encoder) hold their modality's items only:
-  their hooks are added when ``positions`` is ``"all"`` or includes that modality
-  (``model.spec.encoder_modality``, ``"image"`` for vision models), and then touch every
-  row (CLS included); otherwise they are not added at all.
+  (vision tower, Q-Former, projector; an audio encoder) hold media items only: their hooks
+  are added when ``positions`` is ``"all"`` or includes a modality the encoder takes
+  (``model.spec.feature_inputs``: ``"image"``, and ``"video"`` where the vision tower also
+  encodes videos, as in Qwen2-VL and LLaVA-OneVision; ``"audio"``), and then touch every row
+  of every item it encodes (CLS included; images and videos alike, as the tower is shared);
+  otherwise they are not added at all.
 - Generation: a language-model tensor whose length differs from the map's is read as the
   prompt followed by generated tokens. Shorter (a decode step with KV cache, ``[batch, 1,
   d]``): every position is a generated token. Longer (decoding without cache): the first
@@ -281,7 +283,7 @@ def deactivation_hooks(
             layer_mask = None
             if names is not None:
                 if not _is_lm_hook(hook_name):
-                    if model.spec.encoder_modality not in names:
+                    if not names & set(model.spec.feature_inputs):
                         continue
                 else:
                     if modality_map is None:

@@ -21,9 +21,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mm_lens.collect import Sample, prompt_batch, sample_chunks, sample_column
+from mm_lens.collect import Sample, chat_prompt, chunk_media, prompt_batch, sample_chunks, sample_column
 from mm_lens.deactivation import deactivation_hooks
-from mm_lens.inputs import answer_token_ids, sample_prompt
+from mm_lens.inputs import answer_token_ids
 from mm_lens.io import load_tensors, save_tensors
 from mm_lens.neurons import NeuronSet
 
@@ -63,10 +63,15 @@ def _greedy_answers(model: Any, batch: Any, hooks: list, max_new_tokens: int) ->
 
 def _teacher_forced(model: Any, chunk: Sequence[Sample], deactivate: Mapping[str, Any] | None):
     """Sum of the answer tokens' log-probabilities and the last layer's residual at the last
-    prompt position, with the prompt and the answer in one left-padded forward."""
-    images = [s.get("image") for s in chunk]
-    prompts = [sample_prompt(model.processor, s["question"], img) for s, img in zip(chunk, images)]
-    batch = model.prepare_inputs([p + " " + s["answer"] for p, s in zip(prompts, chunk)], images, chat=False)
+    prompt position, with the prompt and the answer in one left-padded forward. Inputs the
+    architecture derives from the prompt alone (``spec.prompt_only_inputs``, e.g.
+    InstructBLIP's Q-Former instruction) come from the prompt without the answer."""
+    media = chunk_media(chunk)
+    prompts = [chat_prompt(model, s) for s in chunk]
+    batch = model.prepare_inputs([p + " " + s["answer"] for p, s in zip(prompts, chunk)], **media, chat=False)
+    if model.spec.prompt_only_inputs:
+        question_only = model.prepare_inputs(prompts, **media, chat=False)
+        batch.inputs.update({name: question_only[name] for name in model.spec.prompt_only_inputs})
     lengths = [len(answer_token_ids(model.processor, p, s["answer"])) for p, s in zip(prompts, chunk)]
     final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     saved = {}

@@ -137,12 +137,10 @@ def encode(
         )
         for i, p in enumerate(prompts)
     ]
-    media = {
-        _PROCESSOR_KEYWORDS[m][0]: [item.convert("RGB") if m == "image" else item for items in per_prompt for item in items]
-        for m, per_prompt in lists.items()
-    }
+    lists["image"] = [[image.convert("RGB") for image in images] for images in lists["image"]]
+    media = {_PROCESSOR_KEYWORDS[m][0]: [item for items in per_prompt for item in items] for m, per_prompt in lists.items()}
     if nested_images and media["images"]:
-        media["images"] = [[image.convert("RGB") for image in images] for images in lists["image"]]
+        media["images"] = lists["image"]
     tokenizer, previous = processor.tokenizer, processor.tokenizer.padding_side
     tokenizer.padding_side = padding_side
     try:
@@ -152,9 +150,13 @@ def encode(
     return dict(encoded)
 
 
-def sample_prompt(processor: Any, question: str, images: ImagesPerPrompt) -> str:
-    """The chat prompt of one sample, as ``prepare_inputs`` builds it."""
-    return format_prompt(processor, question, len(_as_lists([images], 1)[0]), chat=True)
+def sample_prompt(
+    processor: Any, question: str, images: ImagesPerPrompt, *, videos: MediaPerPrompt = None, audios: MediaPerPrompt = None
+) -> str:
+    """The chat prompt of one sample (its images, videos and audio clips), as
+    ``prepare_inputs`` builds it."""
+    n_images, n_videos, n_audios = (len(_as_lists([entry], 1, m)[0]) for m, entry in (("image", images), ("video", videos), ("audio", audios)))
+    return format_prompt(processor, question, n_images, chat=True, n_videos=n_videos, n_audios=n_audios)
 
 
 def answer_token_ids(processor: Any, prompt: str, answer: str) -> list[int]:

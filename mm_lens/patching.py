@@ -147,7 +147,8 @@ class _ResumableRun:
         stacked: dict[int, Any] = {}  # layers mostly share their inputs' objects: stack each once
         for block, kwargs in zip(self.bridge.blocks[layer:], self.kwargs[layer:]):
             for value in kwargs.values():
-                stacked.setdefault(id(value), self._stack(value, copies))
+                if id(value) not in stacked:
+                    stacked[id(value)] = self._stack(value, copies)
             out = block(hidden, **{k: stacked[id(v)] for k, v in kwargs.items()})
             hidden = out[0] if isinstance(out, tuple) else out
         if at is not None:

@@ -216,6 +216,13 @@ class NeuronStatsCollector:
             raise ValueError(f"domain labels {unknown} are not among the collector's domains {list(self.stats.domains)}")
         domain_of_row = torch.tensor([self.stats.domains.index(d) for d in domains])
         spec = self.model.spec
+        others = sorted(set(mm.item_modality) - {spec.encoder_modality})
+        if others and any(not name.startswith("blocks.") for hooks in self.hooks.values() for name in hooks):
+            raise ValueError(
+                f"the batch holds {others} items besides {spec.encoder_modality}s: the encoder would run on them too "
+                f"and its statistics would mix them; collect encoder modules on {spec.encoder_modality}-only batches "
+                "(language-model modules, modules=['lm_mlp'], take any batch)"
+            )
         segments = _segments(mm, domain_of_row, self.stats.classes, spec.encoder_modality)
         real_rows = {} if spec.encoder_rows is None else spec.encoder_rows(self.model.hf_model.config, batch.inputs)
         return [
@@ -281,11 +288,11 @@ class _Segments:
                 raise ValueError(f"a language-model hook saw shape {tuple(act.shape)}; the batch is {list(self.shape)}")
             return act[self.positions], self.position_spans
         rows = act.reshape(-1, act.shape[-1])
-        if not len(self.crops) or rows.shape[0] % len(self.crops):
+        batched = act.ndim == 3 and act.shape[0] != len(self.crops)  # [crops, tokens, neuron] must match exactly
+        if not len(self.crops) or rows.shape[0] % len(self.crops) or batched:
             raise ValueError(
                 f"an encoder hook saw shape {tuple(act.shape)}, which does not split into the batch's "
-                f"{len(self.crops)} encoder units (one encoder call per batch expected; e.g. no videos "
-                "mixed with images)"
+                f"{len(self.crops)} encoder units"
             )
         per_unit = rows.shape[0] // len(self.crops)
         units = rows.reshape(len(self.crops), per_unit, -1)[self.crops]

@@ -16,6 +16,8 @@ the model's image processor maps pixels:
   crop, i.e. a centred box of the original picture (the sides of a wide picture are unseen).
 - LLaVA-NeXT view 0 (base): the picture is squashed to ``size`` x ``size`` (no crop, no pad,
   aspect ratio lost), then resized/cropped like a tile. The grid covers the whole picture.
+  LLaVA-OneVision's images that share their prompt keep only this view, padded (centred) to
+  a square first: the grid then reaches past the picture's shorter sides.
 - LLaVA-NeXT view 1 (anyres): the picture is resized into the best pinpoint resolution keeping
   its aspect ratio, padded (centred) to it, and cut into tiles of ``crop_size``; the model then
   drops the feature rows (or columns) that fall in the padding ("unpad"). The kept grid covers
@@ -400,9 +402,11 @@ def _patch_output_size(height: int, width: int, target: tuple[int, int]) -> tupl
     return target_h, min(math.ceil(width * scale_h), target_w)
 
 
-def view_extent(model: Any, image_size: tuple[int, int], view: int = 0) -> Extent:
+def view_extent(model: Any, image_size: tuple[int, int], view: int = 0, padded_square: bool = False) -> Extent:
     """Where a view's grid lies on the original picture of ``image_size`` = (height, width):
-    ``(left, right, bottom, top)`` in original pixels (see the module docstring)."""
+    ``(left, right, bottom, top)`` in original pixels (see the module docstring).
+    ``padded_square``: the anyres base view of a LLaVA-OneVision image sharing its prompt,
+    which the processor pads to a square instead of squashing."""
     geometry = model.spec.image_geometry
     height, width = image_size
     if geometry is None:
@@ -420,7 +424,10 @@ def view_extent(model: Any, image_size: tuple[int, int], view: int = 0) -> Exten
             frame = frame.move((side - height) // 2, (side - width) // 2, side, side)
         frame = frame.resize_and_crop(processor)
         return frame.extent(0, 0, frame.height, frame.width)
-    if view == 0:  # LLaVA-NeXT base view: squash to a square, then as a tile
+    if view == 0:  # LLaVA-NeXT base view: squash (or pad) to a square, then as a tile
+        if padded_square and height != width:
+            side = max(height, width)
+            frame = frame.move((side - height) // 2, (side - width) // 2, side, side)
         size = processor.size
         square = _size_field(size, "shortest_edge")
         base = (square, square) if square else (_size_field(size, "height"), _size_field(size, "width"))
@@ -515,6 +522,7 @@ def heatmap_for(
             f"image {image_index} of the batch was {tuple(int(s) for s in sizes[image_index])} (height, width) "
             f"but the picture given is {image_size}; pass the picture the batch was built from"
         )
-    extent = view_extent(model, image_size, view)
+    padded_square = len(mm.grids[image_index]) == 1 and bool(getattr(model.processor.image_processor, "image_grid_pinpoints", None))
+    extent = view_extent(model, image_size, view, padded_square=padded_square)
     kwargs.setdefault("title", f"image {image_index}, view {view}")
     return patch_heatmap(image, grid, extent=extent, **kwargs)

@@ -210,6 +210,17 @@ def test_downsized_onevision_grid_covers_the_same_box_as_the_unpadded_grid(any_m
     assert view_extent(model, (40, 40), view=1) == pytest.approx((0, 40, 40, 0))
 
 
+def test_onevision_image_sharing_its_prompt_is_padded_to_a_square(any_model):
+    model = any_model("llava_onevision")
+    tall, square = dark_picture(60, 20, (0, 0, 5, 5)), dark_picture(28, 28, (0, 0, 5, 5))
+    batch = model.prepare_inputs(["how many"], [[tall, square]])
+    assert batch.modality_map.grids[0] == ((4, 4),)  # the base view alone
+    fig = heatmap_for(model, batch, torch.zeros(batch["input_ids"].shape), 0, image=tall)
+    # 60x20 padded to 60x60 with 20 columns each side: the grid spans x -20..40
+    assert fig.axes[0].images[-1].get_extent() == pytest.approx([-20, 40, 60, 0])
+    plt.close(fig)
+
+
 def test_items_without_a_patch_grid_have_no_heatmap(any_model):
     model = any_model("instructblip")
     with pytest.raises(ValueError, match="no patch grid"):

@@ -49,6 +49,8 @@ class ArchitectureSpec:
     ``encoder_rows(config, inputs)``: encoder neuron module -> ``[units, rows]`` bool mask of
     the rows of its hooks that are real (the rest is padding the encoder runs on: Qwen2-Audio's
     padded frames, the Q-Former's padded instruction); statistics count real rows only.
+    ``prompt_only_inputs``: HF inputs the processor derives from the prompt text that must
+    not see an answer appended for teacher forcing (InstructBLIP's Q-Former instruction).
     ``prompt_placeholders``: the prompt text holds one placeholder token per media item; False
     where the processor inserts the feature tokens itself (InstructBLIP).
     """
@@ -69,6 +71,7 @@ class ArchitectureSpec:
     derived_inputs: Callable[[Any, Mapping[str, Any]], Mapping[str, Any]] | None = None
     prompt_placeholders: bool = True
     encoder_rows: Callable[[Any, Mapping[str, Any]], Mapping[str, Any]] | None = None
+    prompt_only_inputs: tuple[str, ...] = ()
 
     def token_ids(self, config: Any) -> dict[str, int]:
         """Modality -> placeholder token id of this model's config."""

@@ -61,6 +61,11 @@ def _check_token_types(config: Any, inputs: Mapping[str, Any]) -> None:
     the image tokens; without them HF attends causally everywhere."""
     token_types = inputs.get("token_type_ids")
     if token_types is None:
+        if (inputs["input_ids"] == config.image_token_id).any():
+            raise ValueError(
+                "image tokens without token_type_ids: Gemma 3's image tokens attend to each other only where "
+                "token_type_ids mark them; build inputs with the model's processor (it returns them)"
+            )
         return
     if tuple(token_types.shape) != tuple(inputs["input_ids"].shape):
         raise ValueError(

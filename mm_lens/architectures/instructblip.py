@@ -320,6 +320,7 @@ INSTRUCTBLIP = ArchitectureSpec(
     check_inputs=check_instructblip_inputs,
     image_geometry=None,
     encoder_rows=real_instruction_rows,
+    prompt_only_inputs=("qformer_input_ids", "qformer_attention_mask"),
     derived_inputs=mask_positions,
     prompt_placeholders=False,
 )

@@ -19,6 +19,7 @@ import torch
 from transformer_lens.model_bridge.supported_architectures.llava_onevision import LlavaOnevisionArchitectureAdapter
 from transformers import AutoProcessor, LlavaOnevisionConfig, LlavaOnevisionProcessor
 
+from mm_lens.architectures.image_text_processor import ImageTextProcessor
 from mm_lens.architectures.llava import (
     LLAVA,
     anyres_grid,
@@ -31,14 +32,12 @@ from mm_lens.architectures.llava import (
 from mm_lens.modality import ImageLayout
 
 
-class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
-    """``LlavaOnevisionProcessor`` without its video processor: transformers 5.23 builds the
-    full processor only where torchvision is installed (its video processor needs it).
-    Images, text and chat template go through HF's own code; load one with
-    ``ImageOnlyLlavaOnevisionProcessor.from_pretrained(folder)`` (a checkpoint's own
+class ImageOnlyLlavaOnevisionProcessor(ImageTextProcessor, LlavaOnevisionProcessor):
+    """``LlavaOnevisionProcessor`` for images and text only (no torchvision needed); load one
+    with ``ImageOnlyLlavaOnevisionProcessor.from_pretrained(folder)`` (a checkpoint's own
     processor files serve)."""
 
-    def __init__(
+    def __init__(  # named, as HF passes a saved processor's settings only to named parameters
         self,
         image_processor: Any = None,
         tokenizer: Any = None,
@@ -50,7 +49,6 @@ class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
         super().__init__(
             image_processor,
             tokenizer,
-            None,
             num_image_tokens=num_image_tokens,
             vision_feature_select_strategy=vision_feature_select_strategy,
             chat_template=chat_template,
@@ -162,5 +160,6 @@ LLAVA_ONEVISION = replace(
     feature_inputs={"image": "pixel_values", "video": "pixel_values_videos"},
     token_attributes={"image": "image_token_id", "video": "video_token_id"},
     check_inputs=_check_onevision_inputs,
+    nested_images=True,  # as HF's examples call it: images sharing a prompt then take the base view only
 )
 SPECS = (LLAVA_ONEVISION,)

@@ -17,6 +17,7 @@ from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import Qwe
 from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLConfig, Qwen2VLProcessor
 
 from mm_lens.architectures import ArchitectureSpec
+from mm_lens.architectures.image_text_processor import ImageTextProcessor
 from mm_lens.bridge_components import NeuronGatedMLPBridge, NeuronProjectorBridge
 from mm_lens.modality import ImageLayout
 
@@ -29,28 +30,11 @@ INERT_HOOKS = (
 )
 
 
-class _ImageTextProcessor:
-    """HF's Qwen-VL processor without its video processor: in transformers 5 the video
-    processor needs torchvision, and the processor cannot be built without one. Images,
-    text, chat template and ``mm_token_type_ids`` are HF's own code."""
-
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    def __call__(self, images: Any = None, text: Any = None, videos: Any = None, **kwargs: Any) -> Any:
-        if videos is not None:
-            raise ValueError(
-                f"{type(self).__name__} takes no videos (HF's Qwen-VL video processor needs torchvision); "
-                "install torchvision and load the model's own processor (processor=AutoProcessor.from_pretrained(...))"
-            )
-        return super().__call__(images=images, text=text, **kwargs)
-
-
-class Qwen2VLImageTextProcessor(_ImageTextProcessor, Qwen2VLProcessor):
+class Qwen2VLImageTextProcessor(ImageTextProcessor, Qwen2VLProcessor):
     """``Qwen2VLProcessor`` for images and text only (no torchvision needed)."""
 
 
-class Qwen2_5_VLImageTextProcessor(_ImageTextProcessor, Qwen2_5_VLProcessor):
+class Qwen2_5_VLImageTextProcessor(ImageTextProcessor, Qwen2_5_VLProcessor):
     """``Qwen2_5_VLProcessor`` for images and text only (no torchvision needed)."""
 
 

@@ -96,6 +96,26 @@ def assert_zeroing_matches_hf_hook(model: Any, hf_reference: Any, batch: Any, ch
 RealRows = Callable[[Any], Mapping[str, Tensor]]
 
 
+def hf_answer_logprob(
+    hf_model: Any, processor: Any, messages_content: list[dict], answer: str, media: Mapping[str, Any],
+    prompt_only: Sequence[str] = (),
+) -> float:
+    """Reference for teacher-forced scoring, straight from HF: one sample, no padding. The
+    chat prompt from the processor's template (``messages_content``: the user turn's
+    entries), the answer appended, the answer tokens' log-probabilities summed; inputs named
+    in ``prompt_only`` come from the prompt alone."""
+    prompt = processor.apply_chat_template([{"role": "user", "content": messages_content}], add_generation_prompt=True)
+    full = processor(text=[prompt + " " + answer], return_tensors="pt", **media)
+    if prompt_only:
+        alone = processor(text=[prompt], return_tensors="pt", **media)
+        full.update({name: alone[name] for name in prompt_only})
+    tokenizer = processor.tokenizer
+    n = len(tokenizer(prompt + " " + answer, add_special_tokens=False)["input_ids"]) - len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    ids = full["input_ids"][0]
+    log_probs = hf_model(**full).logits[0].log_softmax(-1)
+    return float(log_probs[-n - 1 : -1].gather(-1, ids[-n:, None]).sum())
+
+
 def _cached_totals(
     model: Any, samples: Sequence[dict], batch_size: int, real_rows: RealRows | None
 ) -> dict[str, tuple[Tensor, Tensor]]:
@@ -114,7 +134,7 @@ def _cached_totals(
                 continue
             act = cache[name]
             if name.startswith("blocks."):
-                rows = act[~batch.modality_map.mask("padding")]
+                rows = act[batch["attention_mask"].bool()]
             elif module_of[name] in masks:
                 mask = masks[module_of[name]]
                 rows = act.reshape(*mask.shape, act.shape[-1])[mask]

@@ -138,6 +138,8 @@ def test_bad_inputs_raise_clear_errors(model, pictures):
         model({**inputs, "token_type_ids": torch.zeros_like(types)})
     with pytest.raises(ValueError, match="token_type_ids have shape"):
         model({**inputs, "token_type_ids": inputs["token_type_ids"][:, 1:]})
+    with pytest.raises(ValueError, match="image tokens without token_type_ids"):
+        model({k: v for k, v in inputs.items() if k != "token_type_ids"})
 
 
 def test_zeroing_and_analyses(model, hf_reference, pictures):
@@ -145,3 +147,28 @@ def test_zeroing_and_analyses(model, hf_reference, pictures):
     clean = model.prepare_inputs(["what is the color", "how many are there"], [pictures[0], pictures[0]])
     corrupted = model.prepare_inputs(["what is the color", "how many are there"], [pictures[2].resize(pictures[0].size)] * 2)
     assert_analyses_run(model, make_samples(6), clean, corrupted)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_knockout_cuts_the_bidirectional_image_edges_too(model, pictures, renormalize):
+    """Image tokens attend forward inside their image: knocking out image -> image must cut
+    those (upper-triangle) edges as well as the causal ones."""
+    from mm_lens.attention import knockout_hooks
+
+    batch = _batch(model, pictures)
+    image = batch.modality_map.mask("image")
+    pairs = image[:, :, None] & image[:, None, :]
+    item = batch.modality_map.image
+    same_item = pairs & (item[:, :, None] == item[:, None, :])
+    upper = same_item & torch.ones(pairs.shape[1:], dtype=torch.bool).triu(1)
+    seen = {}
+    record = ("blocks.0.attn.hook_pattern", lambda pattern, hook: seen.setdefault("pattern", pattern.detach()))
+    model.run_with_hooks(batch, fwd_hooks=[record])
+    assert (seen.pop("pattern").permute(0, 2, 3, 1)[upper] > 0).all()  # forward edges inside an image exist
+    hooks = knockout_hooks(model, batch, query="image", keys="image", layers=[0], renormalize=renormalize)
+    model.run_with_hooks(batch, fwd_hooks=hooks + [record])
+    pattern = seen["pattern"].permute(0, 2, 3, 1)  # [batch, q, k, head]
+    assert (pattern[pairs] == 0).all()
+    if renormalize:  # image queries keep their other keys, renormalised
+        rows = pattern.sum(2)[image]
+        torch.testing.assert_close(rows, torch.ones_like(rows))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from checks import (
+    hf_answer_logprob,
     assert_analyses_run,
     assert_every_hook_fires,
     assert_features_at_positions,
@@ -246,10 +247,17 @@ def test_shared_architecture_checks_hold(model, hf_reference):
     )
 
 
-def test_answer_scoring_runs(model):
-    """Evaluation's teacher-forced pass builds prompts with chat=False: it must take them
-    without image tokens (the processor adds the queries)."""
+def test_answer_scoring_equals_hf_with_the_qformer_reading_the_question_only(model, hf_reference):
+    """Evaluation's teacher-forced pass builds prompts with chat=False (no image tokens: the
+    processor adds the queries), and the Q-Former must read the question, not the answer."""
     samples = [{"question": q, "image": random_image(30, 40, i), "domain": "d", "answer": a}
                for i, (q, a) in enumerate([("what is the color", "red"), ("how many are there", "two")])]
     scores = score_answers(model, samples, batch_size=2, max_new_tokens=2)
-    assert len(scores.predictions) == 2 and torch.isfinite(scores.answer_logprob).all()
+    assert len(scores.predictions) == 2
+    for score, s in zip(scores.answer_logprob, samples):
+        content = [{"type": "image"}, {"type": "text", "text": s["question"]}]
+        media = {"images": [s["image"]]}
+        reference = hf_answer_logprob(hf_reference, model.processor, content, s["answer"], media, ("qformer_input_ids", "qformer_attention_mask"))
+        assert abs(float(score) - reference) < 1e-4
+        answer_read_too = hf_answer_logprob(hf_reference, model.processor, content, s["answer"], media)
+        assert abs(float(score) - answer_read_too) > 1e-4  # the Q-Former input matters here

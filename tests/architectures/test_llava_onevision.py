@@ -93,7 +93,7 @@ def _video_batch(model, picture=None, frames=3):
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_logits_equal_hf(model, hf_reference, pictures, padding_side):
     batch = _batch(model, pictures, padding_side)
-    assert batch["batch_num_images"].tolist() == [1, 1, 1]  # prepare_inputs passes a flat list: every image tiled
+    assert batch["batch_num_images"].tolist() == [1, 2]  # images per prompt: the second prompt's two share it
     assert_logits_equal_hf(model, hf_reference, batch)
 
 
@@ -109,7 +109,7 @@ def test_hooks_fire_with_documented_shapes(model, pictures):
     assert_every_hook_fires(model, cache)
     assert_neuron_hooks(model, cache, {"lm_mlp": 2, "vision_mlp": 2, "projector": 1})
     crops = int(batch.modality_map.image_tiles.sum())
-    assert crops == 5 + 3 + 5  # base view + 2x2, 2x1 and 2x2 tiles
+    assert crops == 5 + 1 + 1  # base view + 2x2 tiles; the two images sharing a prompt: base view only
     n_batch, n_pos = batch["input_ids"].shape
     assert cache["blocks.0.mlp.hook_act"].shape == (n_batch, n_pos, 64)
     assert cache["vision_encoder.encoder_layers.0.mlp.hook_post"].shape == (crops, SIDE * SIDE, 64)
@@ -189,8 +189,8 @@ def test_bad_inputs_raise_clear_errors(model, pictures):
         model({k: v for k, v in inputs.items() if k != "image_sizes"})
     with pytest.raises(ValueError, match="image_sizes describe 2 images"):
         model({**inputs, "image_sizes": inputs["image_sizes"][:2]})
-    with pytest.raises(ValueError, match="batch_num_images count 2 images"):
-        model({**inputs, "batch_num_images": inputs["batch_num_images"][:2]})
+    with pytest.raises(ValueError, match="batch_num_images count 1 images"):
+        model({**inputs, "batch_num_images": inputs["batch_num_images"][:1]})
     video = dict(_video_batch(model).inputs)
     with pytest.raises(ValueError, match="pixel_values_videos must be"):
         model({**video, "pixel_values_videos": video["pixel_values_videos"][0]})
