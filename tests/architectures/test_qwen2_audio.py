@@ -274,3 +274,20 @@ def test_miner_pipeline_runs_on_text_and_audio(model, tmp_path):
     assert run.deactivation.groups == ["text", "audio", "(all)"]
     assert run.scores.present.tolist() == [[True, True], [True, False]]  # datasets sorted as given: sounds, text
     assert "audio" in (tmp_path / "neurons.txt").read_text() and (tmp_path / "report.html").stat().st_size > 0
+
+
+def test_answer_scoring_hears_the_audio(model, hf_reference):
+    """Teacher-forced answer log-probabilities equal HF's on the prompt with its clip."""
+    from checks import hf_answer_logprob
+
+    from mm_lens.evaluation import score_answers
+
+    samples = [{"question": q, "audio": waveform(6000 + 3000 * i, i, kind), "answer": a}
+               for i, (q, a, kind) in enumerate([("what is this", "red", "tone"), ("how many are there", "two", "noise")])]
+    scores = score_answers(model, samples, batch_size=2, max_new_tokens=2)
+    for score, s in zip(scores.answer_logprob, samples):
+        content = [{"type": "audio"}, {"type": "text", "text": s["question"]}]
+        reference = hf_answer_logprob(hf_reference, model.processor, content, s["answer"], {"audio": [s["audio"]]})
+        assert abs(float(score) - reference) < 1e-4
+        deaf = hf_answer_logprob(hf_reference, model.processor, content[1:], s["answer"], {})
+        assert abs(float(score) - deaf) > 1e-4  # the clip matters
