@@ -76,6 +76,35 @@ def build_word_tokenizer(
     return tokenizer
 
 
+def text_settings(vocab_size: int, pad_token_id: int, width: int, layers: int) -> dict[str, Any]:
+    """The settings every tiny language model shares; any HF decoder config takes them (the
+    word tokenizer's ``<s>`` and ``</s>`` are ids 1 and 2)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=pad_token_id,
+        bos_token_id=BASE_TOKENS.index("<s>"),
+        eos_token_id=BASE_TOKENS.index("</s>"),
+    )
+
+
+def vision_settings(image_size: int, patch_size: int, width: int, layers: int) -> dict[str, Any]:
+    """The settings every tiny ViT-style vision tower shares (CLIP, SigLIP, BLIP, Idefics3)."""
+    return dict(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+
+
 def save_model(model: Any, processor: Any, folder: str | Path) -> Path:
     """Write the model (safetensors) and its processor to ``folder``."""
     folder = Path(folder)

@@ -15,7 +15,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from mm_lens.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, word_chat_template
+from mm_lens.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, vision_settings, word_chat_template
 
 IMAGE_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
 
@@ -42,30 +42,13 @@ def gemma3_model_and_processor(
     tokenizer = build_word_tokenizer(words, named_tokens=IMAGE_TOKENS)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in IMAGE_TOKENS.items()}
     config = Gemma3Config(
-        vision_config=SiglipVisionConfig(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch_size,
-            vision_use_head=False,
-        ),
+        vision_config=SiglipVisionConfig(**vision_settings(image_size, patch_size, width, vision_layers), vision_use_head=False),
         text_config=Gemma3TextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=text_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **text_settings(len(tokenizer), tokenizer.pad_token_id, width, text_layers),
             head_dim=width // 4,
             query_pre_attn_scalar=width // 4,
             sliding_window=sliding_window,
             layer_types=["sliding_attention", "full_attention"] * (text_layers // 2) + ["sliding_attention"] * (text_layers % 2),
-            max_position_embeddings=1024,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=1,
-            eos_token_id=2,
         ),
         mm_tokens_per_image=tokens_per_image,
         boi_token_index=ids["boi_token"],

@@ -15,7 +15,7 @@ from transformers import (
     LlamaConfig,
 )
 
-from mm_lens.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, word_chat_template
+from mm_lens.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, vision_settings, word_chat_template
 
 MAX_GRID = 6  # the processor names crops <row_1_col_1> .. <row_6_col_6>
 IMAGE_TOKENS = {
@@ -49,26 +49,8 @@ def idefics3_model_and_processor(
     """
     tokenizer = build_word_tokenizer(words, named_tokens=IMAGE_TOKENS)
     config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=4,
-            image_size=crop_size,
-            patch_size=patch_size,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=text_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
+        vision_config=Idefics3VisionConfig(**vision_settings(crop_size, patch_size, width, vision_layers)),
+        text_config=LlamaConfig(**text_settings(len(tokenizer), tokenizer.pad_token_id, width, text_layers)),
         scale_factor=scale_factor,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )

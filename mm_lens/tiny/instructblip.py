@@ -16,7 +16,7 @@ from transformers import (
     InstructBlipVisionConfig,
 )
 
-from mm_lens.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, word_chat_template
+from mm_lens.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, vision_settings, word_chat_template
 from mm_lens.tiny.llava import llama_text_config
 
 # The processor puts the query tokens before each prompt itself, so the template places none.
@@ -55,12 +55,7 @@ def instructblip_model_and_processor(
     )
     processor.chat_template = CHAT_TEMPLATE  # InstructBlipProcessor drops a chat_template argument
     vision = InstructBlipVisionConfig(
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
+        **vision_settings(image_size, patch_size, width, vision_layers),
         qkv_bias=True,
         initializer_range=0.2,
     )

@@ -19,36 +19,17 @@ from transformers import (
     LlavaProcessor,
 )
 
-from mm_lens.tiny import CHAT_TEMPLATE, DEFAULT_WORDS, build_word_tokenizer, save_model
+from mm_lens.tiny import CHAT_TEMPLATE, DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, vision_settings
 
 
 def clip_vision_config(image_size: int, patch_size: int, width: int, layers: int, **overrides) -> CLIPVisionConfig:
-    settings = dict(
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=width,
-    )
-    return CLIPVisionConfig(**{**settings, **overrides})
+    """A small ``CLIPVisionConfig`` (``overrides`` replace its fields)."""
+    return CLIPVisionConfig(**{**vision_settings(image_size, patch_size, width, layers), "projection_dim": width, **overrides})
 
 
 def llama_text_config(tokenizer_size: int, width: int, layers: int, pad_token_id: int, **overrides) -> LlamaConfig:
-    settings = dict(
-        vocab_size=tokenizer_size,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=pad_token_id,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaConfig(**{**settings, **overrides})
+    """A small ``LlamaConfig`` for a tokenizer of ``tokenizer_size`` (``overrides`` replace its fields)."""
+    return LlamaConfig(**{**text_settings(tokenizer_size, pad_token_id, width, layers), **overrides})
 
 
 def llava_model_and_processor(

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from mm_lens.architectures.llava_onevision import ImageOnlyLlavaOnevisionProcessor
-from mm_lens.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, word_chat_template
+from mm_lens.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, vision_settings, word_chat_template
 
 
 def llava_onevision_model_and_processor(
@@ -40,27 +40,8 @@ def llava_onevision_model_and_processor(
     pinpoints = [[image_size * h, image_size * w] for h in (1, 2) for w in (1, 2)]
     aspect_ratio = f"anyres_max_{max_tiles}"
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch_size,
-            vision_use_head=False,
-        ),
-        text_config=Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=text_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
+        vision_config=SiglipVisionConfig(**vision_settings(image_size, patch_size, width, vision_layers), vision_use_head=False),
+        text_config=Qwen2Config(**text_settings(len(tokenizer), tokenizer.pad_token_id, width, text_layers)),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=pinpoints,

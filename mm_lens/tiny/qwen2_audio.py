@@ -15,7 +15,7 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-from mm_lens.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, word_chat_template
+from mm_lens.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, word_chat_template
 
 AUDIO_TOKENS = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
 
@@ -50,18 +50,7 @@ def qwen2_audio_model_and_processor(
             d_model=width,
             max_source_positions=frames // 2,
         ),
-        text_config=Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=text_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ),
+        text_config=Qwen2Config(**text_settings(len(tokenizer), tokenizer.pad_token_id, width, text_layers)),
         audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKENS["audio_token"]),
     )
     torch.manual_seed(seed)

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from mm_lens.architectures.qwen2_vl import Qwen2_5_VLImageTextProcessor, Qwen2VLImageTextProcessor
-from mm_lens.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, word_chat_template
+from mm_lens.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, word_chat_template
 
 NAMED_TOKENS = {
     "image_token": "<|image_pad|>",
@@ -52,18 +52,11 @@ def qwen2_vl_model_and_processor(
     ids = {f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in NAMED_TOKENS.items()}
     heads = 2
     text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=text_layers,
+        text_settings(len(tokenizer), tokenizer.pad_token_id, width, text_layers),
         num_attention_heads=heads,
         num_key_value_heads=1,
-        max_position_embeddings=1024,
         # M-RoPE: (temporal, height, width) sections of the head's rotary frequencies
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(width // heads)},
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
     vision = dict(depth=vision_layers, num_heads=heads, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2)
     if version == "2":
