@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import make_samples
+from helpers import make_samples
 from mm_lens import HookedMLLM
 from mm_lens.collect import collect_neuron_stats
 from mm_lens.statistics import NeuronStats

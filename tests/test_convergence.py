@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from matplotlib.figure import Figure
 
-from conftest import make_samples
+from helpers import make_samples
 from mm_lens.convergence import ConvergenceResult, analyze_convergence, modality_representations
 from mm_lens.neurons import NeuronSet
 

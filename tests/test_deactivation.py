@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_logits_with_act_zeroed
+from helpers import hf_logits_with_act_zeroed
 from mm_lens.deactivation import deactivated, deactivation_hooks
 
 LM_HOOK = "blocks.{layer}.mlp.hook_act"

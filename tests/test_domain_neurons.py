@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DOMAINS, make_samples
+from helpers import DOMAINS, make_samples
 from mm_lens import HookedMLLM
 from mm_lens.collect import collect_neuron_stats
 from mm_lens.domain_neurons import select_domain_neurons

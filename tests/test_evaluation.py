@@ -6,7 +6,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from conftest import DOMAINS, make_samples
+from helpers import DOMAINS, make_samples
 from mm_lens.evaluation import METRICS, CrossDomainResult, evaluate_cross_domain, normalize_answer, score_answers
 from mm_lens.neurons import NeuronSet
 

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import make_samples
+from helpers import make_samples
 from mm_lens import HookedMLLM
 from mm_lens.lens import (
     LensSummary,

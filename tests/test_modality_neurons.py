@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_samples
+from helpers import make_samples
 from mm_lens import HookedMLLM
 from mm_lens.modality_neurons import (
     MinerScoreCollector,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from conftest import hf_logits_with_act_zeroed
+from helpers import hf_logits_with_act_zeroed
 from mm_lens import HookedMLLM, MultimodalBatch
 
 BATCHES = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_samples
+from helpers import make_samples
 from mm_lens.neurons import NeuronSet
 from mm_lens.pipelines import run_miner
 
@@ -26,7 +26,7 @@ def test_run_miner_writes_tables_and_plots(model, tmp_path):
 
 
 def test_run_domain_neurons_writes_tables_plots_and_report(model, tmp_path):
-    from conftest import make_samples
+    from helpers import make_samples
     from mm_lens.pipelines import run_domain_neurons
     from mm_lens.report import remote_references
 
@@ -42,7 +42,7 @@ def test_run_domain_neurons_writes_tables_plots_and_report(model, tmp_path):
 
 
 def test_run_patching_picks_a_counterfactual_pair_and_draws_it(model, tmp_path):
-    from conftest import random_image
+    from helpers import random_image
     from mm_lens.pipelines import counterfactual_pair, folder_report, run_patching
     from mm_lens.report import remote_references
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DOMAINS, make_samples
+from helpers import DOMAINS, make_samples
 from mm_lens.collect import collect_neuron_stats
 from mm_lens.statistics import POSITION_CLASSES, NeuronStats, NeuronStatsCollector
 

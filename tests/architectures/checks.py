@@ -13,13 +13,28 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from conftest import hf_logits_with_act_zeroed
+from helpers import hf_logits_with_act_zeroed
 from mm_lens.collect import collect_neuron_stats, prompt_batch, sample_chunks
 from mm_lens.deactivation import deactivated
 from mm_lens.domain_neurons import select_domain_neurons
 from mm_lens.lens import logit_lens
 from mm_lens.modality_neurons import collect_miner_scores, select_modality_neurons
 from mm_lens.patching import patch_sweep
+
+
+def mixed_image_batch(model: Any, pictures: Sequence[Any], padding_side: str = "left") -> Any:
+    """Three rows: ``pictures[0]``; ``pictures[1]`` and ``pictures[2]`` sharing a prompt; no image."""
+    return model.prepare_inputs(
+        ["what is the color", "how many", "is there a car"],
+        [pictures[0], [pictures[1], pictures[2]], None],
+        padding_side=padding_side,
+    )
+
+
+def chat_text(processor: Any, n_images: int, text: str = "what") -> str:
+    """One prompt with ``n_images`` images through the chat template, as ``prepare_inputs`` writes it."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def assert_logits_equal_hf(model: Any, hf_reference: Any, batch: Any, atol: float = 1e-5) -> None:

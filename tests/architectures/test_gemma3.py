@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
 
 from checks import (
+    chat_text,
+    mixed_image_batch,
     assert_analyses_run,
     assert_every_hook_fires,
     assert_features_at_positions,
@@ -15,8 +16,7 @@ from checks import (
     assert_zeroing_matches_hf_hook,
     hf_module_outputs,
 )
-from conftest import make_samples, random_image
-from mm_lens import HookedMLLM
+from helpers import make_samples, random_image
 from mm_lens.inputs import MultimodalBatch
 
 TOKENS = 4  # mm_tokens_per_image: the 4x4 patch grid pooled to 2x2
@@ -28,39 +28,14 @@ def folder(tiny_folder):
 
 
 @pytest.fixture(scope="module")
-def model(folder):
-    return HookedMLLM.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def hf_reference(folder):
-    return AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
-
-
-@pytest.fixture(scope="module")
 def pictures():
     return [random_image(30, 50, 0), random_image(60, 20, 1), random_image(40, 40, 2)]
-
-
-def _batch(model, pictures, padding_side="left"):
-    """One image, then two images in one prompt, then a text-only row."""
-    return model.prepare_inputs(
-        ["what is the color", "how many", "is there a car"],
-        [pictures[0], [pictures[1], pictures[2]], None],
-        padding_side=padding_side,
-    )
-
-
-def _chat(processor, n_images, text="what"):
-    """One prompt through the chat template, as prepare_inputs writes it."""
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def _pan_and_scan_batch(model):
     """Pan-and-scan on: the wide image is sent with its 3 crops, each an image of its own."""
     processor = model.processor
-    texts = [_chat(processor, 1), _chat(processor, 1, "how many")]
+    texts = [chat_text(processor, 1), chat_text(processor, 1, "how many")]
     images = [[random_image(30, 90, 3)], [random_image(40, 40, 4)]]
     pan_and_scan = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 20}
     inputs = dict(processor(text=texts, images=images, **pan_and_scan, return_tensors="pt", padding=True))
@@ -69,7 +44,7 @@ def _pan_and_scan_batch(model):
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_logits_equal_hf_with_bidirectional_image_attention(model, hf_reference, pictures, padding_side):
-    batch = _batch(model, pictures, padding_side)
+    batch = mixed_image_batch(model, pictures, padding_side)
     assert torch.equal(batch["token_type_ids"].bool(), batch.modality_map.mask("image"))
     assert_logits_equal_hf(model, hf_reference, batch)
     causal = hf_reference(**{k: v for k, v in batch.items() if k != "token_type_ids"}).logits
@@ -83,7 +58,7 @@ def test_logits_equal_hf_with_pan_and_scan(model, hf_reference):
 
 
 def test_hooks_fire_with_documented_shapes(model, pictures):
-    batch = _batch(model, pictures)
+    batch = mixed_image_batch(model, pictures)
     _, cache = model.run_with_cache(batch)
     assert_every_hook_fires(model, cache)
     assert_neuron_hooks(model, cache, {"lm_mlp": 2, "vision_mlp": 2})  # the projector has no hidden layer
@@ -95,7 +70,7 @@ def test_hooks_fire_with_documented_shapes(model, pictures):
 
 
 def test_features_sit_where_the_map_says(model, hf_reference, pictures):
-    for batch in (_batch(model, pictures), _batch(model, pictures, "right"), _pan_and_scan_batch(model)):
+    for batch in (mixed_image_batch(model, pictures), mixed_image_batch(model, pictures, "right"), _pan_and_scan_batch(model)):
         _, cache = model.run_with_cache(batch, names_filter="blocks.0.hook_resid_pre")
         (projected,) = hf_module_outputs(hf_reference, hf_reference.model.multi_modal_projector, batch)
         assert_features_at_positions(batch, cache["blocks.0.hook_resid_pre"], {"image": projected.flatten(0, 1)})
@@ -104,7 +79,7 @@ def test_features_sit_where_the_map_says(model, hf_reference, pictures):
 def test_row_and_col_name_the_pooled_block_of_patches(model, hf_reference, pictures):
     """The token at (row, col) is the projection of the mean of the vision tower's 2x2 block
     of patches (row, col), computed here with HF's own norm and projection weight."""
-    batch = _batch(model, pictures)
+    batch = mixed_image_batch(model, pictures)
     (patches,) = hf_module_outputs(hf_reference, hf_reference.model.vision_tower, batch)
     grid = patches.last_hidden_state.unflatten(1, (4, 4))  # [images, 4, 4, d]
     projector = hf_reference.model.multi_modal_projector
@@ -121,7 +96,7 @@ def test_row_and_col_name_the_pooled_block_of_patches(model, hf_reference, pictu
 
 
 def test_bad_inputs_raise_clear_errors(model, pictures):
-    inputs = dict(_batch(model, pictures).inputs)
+    inputs = dict(mixed_image_batch(model, pictures).inputs)
     image_id = model.hf_model.config.image_token_id
     word = model.processor.tokenizer.convert_tokens_to_ids("red")
     no_images = torch.where(inputs["input_ids"] == image_id, word, inputs["input_ids"])
@@ -143,7 +118,7 @@ def test_bad_inputs_raise_clear_errors(model, pictures):
 
 
 def test_zeroing_and_analyses(model, hf_reference, pictures):
-    assert_zeroing_matches_hf_hook(model, hf_reference, _batch(model, pictures))
+    assert_zeroing_matches_hf_hook(model, hf_reference, mixed_image_batch(model, pictures))
     clean = model.prepare_inputs(["what is the color", "how many are there"], [pictures[0], pictures[0]])
     corrupted = model.prepare_inputs(["what is the color", "how many are there"], [pictures[2].resize(pictures[0].size)] * 2)
     assert_analyses_run(model, make_samples(6), clean, corrupted)
@@ -155,7 +130,7 @@ def test_knockout_cuts_the_bidirectional_image_edges_too(model, pictures, renorm
     those (upper-triangle) edges as well as the causal ones."""
     from mm_lens.attention import knockout_hooks
 
-    batch = _batch(model, pictures)
+    batch = mixed_image_batch(model, pictures)
     image = batch.modality_map.mask("image")
     pairs = image[:, :, None] & image[:, None, :]
     item = batch.modality_map.image

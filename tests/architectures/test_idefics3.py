@@ -6,9 +6,10 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
 
 from checks import (
+    chat_text,
+    mixed_image_batch,
     assert_analyses_run,
     assert_every_hook_fires,
     assert_features_at_positions,
@@ -17,8 +18,7 @@ from checks import (
     assert_zeroing_matches_hf_hook,
     hf_module_outputs,
 )
-from conftest import make_samples, random_image
-from mm_lens import HookedMLLM
+from helpers import make_samples, random_image
 from mm_lens.inputs import MultimodalBatch
 
 SIDE = 2  # tokens per side of a crop: 28-pixel crops, 7-pixel patches, pixel shuffle by 2
@@ -31,48 +31,24 @@ def folder(tiny_folder):
 
 
 @pytest.fixture(scope="module")
-def model(folder):
-    return HookedMLLM.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def hf_reference(folder):
-    return AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
-
-
-@pytest.fixture(scope="module")
 def pictures():
-    """Split by the processor into 2x2, 2x1 and 1x2 crops (each plus a global view)."""
+    """Split by the processor into 2x2, 2x1 and 1x2 crops (each plus a global view): in
+    ``mixed_image_batch`` the rows hold 5, 6 and 0 crops, so pixel_values are padded with
+    all-zero crops."""
     return [random_image(30, 50, 0), random_image(60, 20, 1), random_image(20, 60, 2)]
-
-
-def _batch(model, pictures, padding_side="left"):
-    """One image, then two images in one prompt, then a text-only row: rows hold 5, 6 and 0
-    crops, so pixel_values are padded with all-zero crops."""
-    return model.prepare_inputs(
-        ["what is the color", "how many", "is there a car"],
-        [pictures[0], [pictures[1], pictures[2]], None],
-        padding_side=padding_side,
-    )
-
-
-def _chat(processor, n_images, text="what"):
-    """One prompt through the chat template, as prepare_inputs writes it."""
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def _unsplit_batch(model, pictures):
     """Image splitting off: every image is its global view alone."""
     processor = model.processor
-    texts, images = [_chat(processor, 2), _chat(processor, 1)], [pictures[:2], pictures[2:]]
+    texts, images = [chat_text(processor, 2), chat_text(processor, 1)], [pictures[:2], pictures[2:]]
     inputs = dict(processor(text=texts, images=images, do_image_splitting=False, return_tensors="pt", padding=True))
     return MultimodalBatch(inputs, model.modality_map(inputs))
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_logits_equal_hf(model, hf_reference, pictures, padding_side):
-    batch = _batch(model, pictures, padding_side)
+    batch = mixed_image_batch(model, pictures, padding_side)
     assert batch["pixel_values"].shape[1] == 6 and batch.modality_map.image_tiles.tolist() == [5, 3, 3]
     assert_logits_equal_hf(model, hf_reference, batch)
 
@@ -84,7 +60,7 @@ def test_logits_equal_hf_without_image_splitting(model, hf_reference, pictures):
 
 
 def test_hooks_fire_with_documented_shapes(model, pictures):
-    batch = _batch(model, pictures)
+    batch = mixed_image_batch(model, pictures)
     _, cache = model.run_with_cache(batch)
     assert_every_hook_fires(model, cache)
     assert_neuron_hooks(model, cache, {"lm_mlp": 2, "vision_mlp": 2})  # the connector has no hidden layer
@@ -98,7 +74,7 @@ def test_hooks_fire_with_documented_shapes(model, pictures):
 
 
 def test_features_sit_where_the_map_says(model, hf_reference, pictures):
-    for batch in (_batch(model, pictures), _batch(model, pictures, "right"), _unsplit_batch(model, pictures)):
+    for batch in (mixed_image_batch(model, pictures), mixed_image_batch(model, pictures, "right"), _unsplit_batch(model, pictures)):
         _, cache = model.run_with_cache(batch, names_filter="blocks.0.hook_resid_pre")
         (projected,) = hf_module_outputs(hf_reference, hf_reference.model.connector, batch)
         assert_features_at_positions(batch, cache["blocks.0.hook_resid_pre"], {"image": projected.flatten(0, 1)})
@@ -108,7 +84,7 @@ def test_tiles_rows_and_cols_follow_the_crop_tags_and_the_pixel_shuffle(model, h
     """Each crop's tokens sit on the assembled grid where its <row_i_col_j> tag says; and
     nudging one patch of one crop in HF's vision tower output moves exactly the token the map
     gives that crop (tile) and patch (row, col)."""
-    batch = _batch(model, pictures, "right")
+    batch = mixed_image_batch(model, pictures, "right")
     mm = batch.modality_map
     for b, image in ((0, 0), (1, 1), (1, 2)):
         positions = mm.image_positions(image)[1]
@@ -159,7 +135,7 @@ def test_tiles_rows_and_cols_follow_the_crop_tags_and_the_pixel_shuffle(model, h
 
 
 def test_bad_inputs_raise_clear_errors(model, pictures):
-    inputs = dict(_batch(model, pictures).inputs)
+    inputs = dict(mixed_image_batch(model, pictures).inputs)
     image_id = model.hf_model.config.image_token_id
     word = model.processor.tokenizer.convert_tokens_to_ids("red")
     with pytest.raises(ValueError, match="no image token"):
@@ -189,7 +165,7 @@ def test_bad_inputs_raise_clear_errors(model, pictures):
 
 
 def test_zeroing_and_analyses(model, hf_reference, pictures):
-    assert_zeroing_matches_hf_hook(model, hf_reference, _batch(model, pictures))
+    assert_zeroing_matches_hf_hook(model, hf_reference, mixed_image_batch(model, pictures))
     clean = model.prepare_inputs(["what is the color", "how many are there"], [pictures[0], pictures[0]])
     corrupted = model.prepare_inputs(["what is the color", "how many are there"], [pictures[2].resize(pictures[0].size)] * 2)
     assert_analyses_run(model, make_samples(6), clean, corrupted)

@@ -18,9 +18,8 @@ from checks import (
     assert_zeroing_matches_hf_hook,
     hf_module_outputs,
 )
-from conftest import make_samples, random_image
+from helpers import make_samples, random_image
 from transformers import (
-    AutoModelForImageTextToText,
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
     OPTConfig,
@@ -39,15 +38,6 @@ def folder(tiny_folder) -> str:
     return tiny_folder("instructblip")
 
 
-@pytest.fixture(scope="module")
-def model(folder) -> HookedMLLM:
-    return HookedMLLM.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def hf_reference(folder):
-    """An untouched HF model of the same folder (the bridge rewires its own copy)."""
-    return AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
 
 
 def image_batch(model, padding_side: str = "left") -> MultimodalBatch:

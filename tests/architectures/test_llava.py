@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_image
+from helpers import random_image
+
+@pytest.fixture(scope="module")
+def folder(model_folders, arch):
+    return model_folders[arch]
+
 
 SIZES = [(28, 28), (30, 50), (60, 20), (13, 90), (90, 13), (57, 56), (200, 120)]
 
@@ -46,7 +51,7 @@ def test_shared_architecture_checks_hold(model, hf_reference, images):
         assert_zeroing_matches_hf_hook,
         hf_module_outputs,
     )
-    from conftest import make_samples
+    from helpers import make_samples
 
     batch = model.prepare_inputs(["what is the color", "how many"], [images[0], [images[1], images[2]]])
     assert_logits_equal_hf(model, hf_reference, batch)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
 
 from checks import (
+    chat_text,
+    mixed_image_batch,
     assert_analyses_run,
     assert_every_hook_fires,
     assert_features_at_positions,
@@ -15,8 +16,7 @@ from checks import (
     assert_zeroing_matches_hf_hook,
     hf_module_outputs,
 )
-from conftest import make_samples, random_image
-from mm_lens import HookedMLLM
+from helpers import make_samples, random_image
 from mm_lens.architectures.llava import _anyres_layout
 from mm_lens.architectures.llava_onevision import ImageOnlyLlavaOnevisionProcessor
 from mm_lens.inputs import MultimodalBatch
@@ -32,17 +32,11 @@ def folder(tiny_folder):
     return tiny_folder("llava_onevision")
 
 
-@pytest.fixture(scope="module")
-def model(folder):
-    model = HookedMLLM.from_pretrained(folder)
+def test_the_folder_loads_the_image_only_processor(model, pictures):
     # transformers builds LlavaOnevisionProcessor only with torchvision: the folder names the image-only one
     assert type(model.processor) is ImageOnlyLlavaOnevisionProcessor
-    return model
-
-
-@pytest.fixture(scope="module")
-def hf_reference(folder):
-    return AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    with pytest.raises(ValueError, match="takes no videos"):
+        model.processor(text=["<video>"], videos=[[pictures[0]] * 2])
 
 
 @pytest.fixture(scope="module")
@@ -50,25 +44,10 @@ def pictures():
     return [random_image(h, w, seed=i) for i, (h, w) in enumerate(IMAGE_SIZES)]
 
 
-def _batch(model, pictures, padding_side="left"):
-    """Two images in one prompt, one in another, a text-only row."""
-    return model.prepare_inputs(
-        ["what is the color", "how many", "is there a car"],
-        [pictures[0], [pictures[1], pictures[2]], None],
-        padding_side=padding_side,
-    )
-
-
-def _chat(processor, n_images, text="what"):
-    """One prompt through the chat template, as prepare_inputs writes it."""
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
 def _nested_batch(model, pictures):
     """Images given per prompt to the processor: HF then keeps only the base view of images
     that share their prompt (``batch_num_images`` > 1)."""
-    texts, images = [_chat(model.processor, 1), _chat(model.processor, 2)], [[pictures[2]], [pictures[0], pictures[1]]]
+    texts, images = [chat_text(model.processor, 1), chat_text(model.processor, 2)], [[pictures[2]], [pictures[0], pictures[1]]]
     inputs = dict(model.processor(text=texts, images=images, return_tensors="pt", padding=True))
     return MultimodalBatch(inputs, model.modality_map(inputs))
 
@@ -92,7 +71,7 @@ def _video_batch(model, picture=None, frames=3):
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_logits_equal_hf(model, hf_reference, pictures, padding_side):
-    batch = _batch(model, pictures, padding_side)
+    batch = mixed_image_batch(model, pictures, padding_side)
     assert batch["batch_num_images"].tolist() == [1, 2]  # images per prompt: the second prompt's two share it
     assert_logits_equal_hf(model, hf_reference, batch)
 
@@ -104,7 +83,7 @@ def test_logits_equal_hf_for_images_sharing_a_prompt_and_for_videos(model, hf_re
 
 
 def test_hooks_fire_with_documented_shapes(model, pictures):
-    batch = _batch(model, pictures)
+    batch = mixed_image_batch(model, pictures)
     _, cache = model.run_with_cache(batch)
     assert_every_hook_fires(model, cache)
     assert_neuron_hooks(model, cache, {"lm_mlp": 2, "vision_mlp": 2, "projector": 1})
@@ -118,7 +97,7 @@ def test_hooks_fire_with_documented_shapes(model, pictures):
 
 
 def test_features_sit_where_the_map_says(model, hf_reference, pictures):
-    for batch in (_batch(model, pictures), _batch(model, pictures, "right"), _nested_batch(model, pictures)):
+    for batch in (mixed_image_batch(model, pictures), mixed_image_batch(model, pictures, "right"), _nested_batch(model, pictures)):
         _, cache = model.run_with_cache(batch, names_filter="blocks.0.hook_resid_pre")
         (projected,) = hf_module_outputs(hf_reference, hf_reference.model.multi_modal_projector, batch)
         assert_features_at_positions(batch, cache["blocks.0.hook_resid_pre"], {"image": projected.flatten(0, 1)}, all_placed=False)
@@ -174,7 +153,7 @@ def test_downsized_grid_is_the_bilinear_resize_of_the_unpadded_grid(model, hf_re
 
 
 def test_bad_inputs_raise_clear_errors(model, pictures):
-    batch = _batch(model, pictures)
+    batch = mixed_image_batch(model, pictures)
     inputs, image_id = dict(batch.inputs), model.hf_model.config.image_token_id
     word = model.processor.tokenizer.convert_tokens_to_ids("red")
     with pytest.raises(ValueError, match="no image token"):
@@ -199,7 +178,7 @@ def test_bad_inputs_raise_clear_errors(model, pictures):
 
 
 def test_zeroing_and_analyses(model, hf_reference, pictures):
-    assert_zeroing_matches_hf_hook(model, hf_reference, _batch(model, pictures))
+    assert_zeroing_matches_hf_hook(model, hf_reference, mixed_image_batch(model, pictures))
     clean = model.prepare_inputs(["what is the color", "how many are there"], [pictures[0], pictures[0]])
     corrupted = model.prepare_inputs(["what is the color", "how many are there"], [pictures[1].resize(pictures[0].size)] * 2)
     assert_analyses_run(model, make_samples(6), clean, corrupted)

@@ -41,10 +41,6 @@ def folder(tiny_folder) -> str:
     return tiny_folder("qwen2_audio")
 
 
-@pytest.fixture(scope="module")
-def model(folder) -> HookedMLLM:
-    return HookedMLLM.from_pretrained(folder)
-
 
 @pytest.fixture(scope="module")
 def hf_reference(folder):

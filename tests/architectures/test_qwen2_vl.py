@@ -17,10 +17,8 @@ from checks import (
     assert_zeroing_matches_hf_hook,
     hf_module_outputs,
 )
-from conftest import make_samples, random_image
-from transformers import AutoModelForImageTextToText
+from helpers import make_samples, random_image
 
-from mm_lens import HookedMLLM
 from mm_lens.collect import collect_neuron_stats, prompt_batch
 from mm_lens.inputs import MultimodalBatch
 from mm_lens.patching import patch_sweep
@@ -38,15 +36,6 @@ def folder(tiny_folder, arch) -> str:
     return tiny_folder(arch)
 
 
-@pytest.fixture(scope="module")
-def model(folder) -> HookedMLLM:
-    return HookedMLLM.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def hf_reference(folder):
-    """An untouched HF model of the same folder (the bridge rewires its own copy)."""
-    return AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
 
 
 def mixed_batch(model, padding_side: str = "left") -> MultimodalBatch:

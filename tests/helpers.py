@@ -1,0 +1,53 @@
+"""Test data and references shared by the test modules: random pictures, samples of three
+domains, and HF logits with neurons zeroed by a plain PyTorch hook."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def random_image(height: int, width: int, seed: int) -> Image.Image:
+    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+DOMAINS = ("noise", "plain", "stripes")
+
+
+def _picture(domain: str, seed: int):
+    image = random_image(40, 60, seed)
+    if domain == "plain":
+        image.paste((200, 30 + seed, 30), (0, 0, 60, 40))
+    elif domain == "stripes":
+        for y in range(0, 40, 8):
+            image.paste((255, 255, 255), (0, y, 60, y + 3))
+    return image
+
+
+def make_samples(n: int = 10) -> list[dict]:
+    """Samples of three domains; every fourth has no image (text-only rows)."""
+    questions = ["what is the color", "how many are there", "describe the picture", "is there a car"]
+    answers = ["red", "two", "a road", "no"]
+    return [
+        {
+            "question": questions[i % 4],
+            "image": None if i % 4 == 3 else _picture(DOMAINS[i % 3], i),
+            "domain": DOMAINS[i % 3],
+            "answer": answers[i % 4],
+        }
+        for i in range(n)
+    ]
+
+
+def hf_logits_with_act_zeroed(hf_model, batch, layer: int, channels: list[int]) -> torch.Tensor:
+    """An independent reference: HF logits with ``act_fn`` output channels of one LM layer zeroed
+    by a plain PyTorch forward hook."""
+    handle = hf_model.get_decoder().layers[layer].mlp.act_fn.register_forward_hook(
+        lambda module, args, out: out.index_fill(-1, torch.tensor(channels), 0.0)
+    )
+    try:
+        return hf_model(**batch).logits
+    finally:
+        handle.remove()
