@@ -304,7 +304,9 @@ def real_instruction_rows(config: Any, inputs: Mapping[str, Any]) -> dict[str, T
 def mask_positions(config: Any, inputs: Mapping[str, Any]) -> dict[str, Int[Tensor, "batch pos"]]:
     """``position_ids`` counting each row's attended tokens, as HF's ``generate`` (and LAVIS)
     number them: the processor puts the query tokens before the padding, so under left
-    padding HF's forward alone would leave a gap between a row's queries and its text."""
+    padding HF's forward alone would leave a gap between a row's queries and its text. The
+    bridge numbers positions this way by itself; the batch carries them so that the same
+    batch given to the HF model (references, ``generate``) means the same thing."""
     mask = inputs["attention_mask"].long()
     return {"position_ids": (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)}
 
