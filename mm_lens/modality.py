@@ -55,6 +55,21 @@ class ImageLayout:
     def __len__(self) -> int:
         return int(self.tile.shape[0])
 
+    @classmethod
+    def sequence(cls, n_tokens: int, modality: str = "image") -> "ImageLayout":
+        """An item of ``n_tokens`` features in order with no patch grid (Q-Former queries, audio frames)."""
+        none = torch.full((n_tokens,), -1, dtype=torch.long)
+        return cls(
+            tile=torch.zeros(n_tokens, dtype=torch.long),
+            row=none,
+            col=none.clone(),
+            feature=torch.arange(n_tokens),
+            newline=torch.zeros(n_tokens, dtype=torch.bool),
+            grids=(),
+            n_features=n_tokens,
+            modality=modality,
+        )
+
 
 @dataclass(frozen=True)
 class ModalityMap:

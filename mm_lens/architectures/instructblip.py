@@ -237,25 +237,11 @@ class InstructBlipNeuronAdapter(ArchitectureAdapter):
         hf_model.forward = forward_taking_token_ids_first
 
 
-def _query_layout(n_queries: int) -> ImageLayout:
-    """One image's ``n_queries`` Q-Former outputs, in query order; no grid."""
-    none = torch.full((n_queries,), -1, dtype=torch.long)
-    return ImageLayout(
-        tile=torch.zeros(n_queries, dtype=torch.long),
-        row=none,
-        col=none.clone(),
-        feature=torch.arange(n_queries),
-        newline=torch.zeros(n_queries, dtype=torch.bool),
-        grids=(),
-        n_features=n_queries,
-    )
-
-
 def instructblip_layouts(config: Any, inputs: Mapping[str, Any]) -> list[ImageLayout]:
     """Every image is ``num_query_tokens`` query features."""
     pixel_values = inputs.get("pixel_values")
     n_images = 0 if pixel_values is None else pixel_values.shape[0]
-    return [_query_layout(config.num_query_tokens) for _ in range(n_images)]
+    return [ImageLayout.sequence(config.num_query_tokens) for _ in range(n_images)]
 
 
 _ONE_IMAGE = (

@@ -94,27 +94,12 @@ def audio_token_counts(frames: Int[Tensor, "clip"]) -> Int[Tensor, "clip"]:
     return (after_conv - 2) // 2 + 1
 
 
-def _clip_layout(n_tokens: int) -> ImageLayout:
-    """One clip: ``n_tokens`` audio features in time order, no grid."""
-    none = torch.full((n_tokens,), -1, dtype=torch.long)
-    return ImageLayout(
-        tile=torch.zeros(n_tokens, dtype=torch.long),
-        row=none,
-        col=none.clone(),
-        feature=torch.arange(n_tokens),
-        newline=torch.zeros(n_tokens, dtype=torch.bool),
-        grids=(),
-        n_features=n_tokens,
-        modality="audio",
-    )
-
-
 def qwen2_audio_layouts(config: Any, inputs: Mapping[str, Any]) -> list[ImageLayout]:
     """One layout per clip (row of ``input_features``), its length from ``feature_attention_mask``."""
     if inputs.get("input_features") is None:
         return []
     counts = audio_token_counts(torch.as_tensor(inputs["feature_attention_mask"]).sum(-1).cpu())
-    return [_clip_layout(int(n)) for n in counts]
+    return [ImageLayout.sequence(int(n), "audio") for n in counts]
 
 
 def real_encoder_frames(config: Any, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
