@@ -14,26 +14,30 @@ def random_image(height: int, width: int, seed: int) -> Image.Image:
 
 
 DOMAINS = ("noise", "plain", "stripes")
+# picture sizes that tile, crop or split differently (anyres tiles, Idefics3 crops, Qwen grids)
+VARIED_SIZES = ((40, 60), (60, 20), (30, 50), (40, 40), (20, 60))
 
 
-def _picture(domain: str, seed: int):
-    image = random_image(40, 60, seed)
+def _picture(domain: str, seed: int, size: tuple[int, int] = (40, 60)):
+    height, width = size
+    image = random_image(height, width, seed)
     if domain == "plain":
-        image.paste((200, 30 + seed, 30), (0, 0, 60, 40))
+        image.paste((200, 30 + seed, 30), (0, 0, width, height))
     elif domain == "stripes":
-        for y in range(0, 40, 8):
-            image.paste((255, 255, 255), (0, y, 60, y + 3))
+        for y in range(0, height, 8):
+            image.paste((255, 255, 255), (0, y, width, y + 3))
     return image
 
 
-def make_samples(n: int = 10) -> list[dict]:
-    """Samples of three domains; every fourth has no image (text-only rows)."""
+def make_samples(n: int = 10, sizes: tuple[tuple[int, int], ...] = ((40, 60),)) -> list[dict]:
+    """Samples of three domains; every fourth has no image (text-only rows); picture ``i``
+    has size ``sizes[i % len(sizes)]``."""
     questions = ["what is the color", "how many are there", "describe the picture", "is there a car"]
     answers = ["red", "two", "a road", "no"]
     return [
         {
             "question": questions[i % 4],
-            "image": None if i % 4 == 3 else _picture(DOMAINS[i % 3], i),
+            "image": None if i % 4 == 3 else _picture(DOMAINS[i % 3], i, sizes[i % len(sizes)]),
             "domain": DOMAINS[i % 3],
             "answer": answers[i % 4],
         }

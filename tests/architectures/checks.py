@@ -169,7 +169,9 @@ def assert_analyses_run(
 
     - statistics: firing counts and position counts summed over domains equal a plain
       ``run_with_cache`` count, for every neuron hook (LM and encoder; ``real_rows(batch)``
-      gives, for encoder modules that run on padding, the ``[units, rows]`` real rows);
+      gives, for encoder modules that run on padding, the ``[units, rows]`` real rows), and
+      positions (and, up to one rounding-level sign flip, firing counts) per domain and class
+      equal those of one-sample batches, where the split between rows is trivially right;
     - domain selection (LAPE) gives valid indices, and deactivating them runs;
     - MINER scores are finite and LA_MU selects ``int(ratio * L * N) // 2`` LM neurons per modality;
     - logit lens after the last layer equals the model's own log-probabilities;
@@ -184,6 +186,12 @@ def assert_analyses_run(
         assert torch.equal(stats.over_zero(module, "all")[layer].sum(-1), fired.long()), name
         assert int(stats.n_tokens(module, "all").sum()) == int(rows), name
     assert all(int(stats.n_tokens(module, media).sum()) > 0 for module in stats.modules)
+    one_by_one = collect_neuron_stats(model, samples, batch_size=1, classes=classes, progress=False)
+    for module in stats.modules:
+        for position_class in classes:
+            assert torch.equal(stats.n_tokens(module, position_class), one_by_one.n_tokens(module, position_class)), (module, position_class)
+            batched, alone = stats.over_zero(module, position_class), one_by_one.over_zero(module, position_class)
+            assert (batched - alone).abs().max() <= 1, (module, position_class)  # a sign flip at rounding level at most
 
     neurons = select_domain_neurons(stats)
     for module, per_layer in neurons.union().items():

@@ -16,7 +16,7 @@ from checks import (
     assert_zeroing_matches_hf_hook,
     hf_module_outputs,
 )
-from helpers import make_samples, random_image
+from helpers import VARIED_SIZES, make_samples, random_image
 from mm_lens.inputs import MultimodalBatch
 
 TOKENS = 4  # mm_tokens_per_image: the 4x4 patch grid pooled to 2x2
@@ -121,7 +121,7 @@ def test_zeroing_and_analyses(model, hf_reference, pictures):
     assert_zeroing_matches_hf_hook(model, hf_reference, mixed_image_batch(model, pictures))
     clean = model.prepare_inputs(["what is the color", "how many are there"], [pictures[0], pictures[0]])
     corrupted = model.prepare_inputs(["what is the color", "how many are there"], [pictures[2].resize(pictures[0].size)] * 2)
-    assert_analyses_run(model, make_samples(6), clean, corrupted)
+    assert_analyses_run(model, make_samples(6, VARIED_SIZES), clean, corrupted)
 
 
 @pytest.mark.parametrize("renormalize", [False, True])

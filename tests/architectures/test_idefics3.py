@@ -18,7 +18,7 @@ from checks import (
     assert_zeroing_matches_hf_hook,
     hf_module_outputs,
 )
-from helpers import make_samples, random_image
+from helpers import VARIED_SIZES, make_samples, random_image
 from mm_lens.inputs import MultimodalBatch
 
 SIDE = 2  # tokens per side of a crop: 28-pixel crops, 7-pixel patches, pixel shuffle by 2
@@ -168,4 +168,4 @@ def test_zeroing_and_analyses(model, hf_reference, pictures):
     assert_zeroing_matches_hf_hook(model, hf_reference, mixed_image_batch(model, pictures))
     clean = model.prepare_inputs(["what is the color", "how many are there"], [pictures[0], pictures[0]])
     corrupted = model.prepare_inputs(["what is the color", "how many are there"], [pictures[2].resize(pictures[0].size)] * 2)
-    assert_analyses_run(model, make_samples(6), clean, corrupted)
+    assert_analyses_run(model, make_samples(6, VARIED_SIZES), clean, corrupted)

@@ -18,7 +18,7 @@ from checks import (
     assert_zeroing_matches_hf_hook,
     hf_module_outputs,
 )
-from helpers import make_samples, random_image
+from helpers import VARIED_SIZES, make_samples, random_image
 from transformers import (
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
@@ -228,7 +228,7 @@ def test_shared_architecture_checks_hold(model, hf_reference):
     batch = image_batch(model)
     assert_zeroing_matches_hf_hook(model, hf_reference, batch)
     # InstructBLIP needs an image in every row: the shared samples' text-only rows get one.
-    samples = [{**s, "image": s["image"] or random_image(40, 60, i)} for i, s in enumerate(make_samples(6))]
+    samples = [{**s, "image": s["image"] or random_image(40, 60, i)} for i, s in enumerate(make_samples(6, VARIED_SIZES))]
     prompts = ["what is the color", "how many are there"]  # same length: patching needs rows alike
     clean = model.prepare_inputs(prompts, [random_image(30, 50, 0)] * 2)
     corrupted = model.prepare_inputs(prompts, [random_image(30, 50, 9)] * 2)

@@ -51,7 +51,7 @@ def test_shared_architecture_checks_hold(model, hf_reference, images):
         assert_zeroing_matches_hf_hook,
         hf_module_outputs,
     )
-    from helpers import make_samples
+    from helpers import VARIED_SIZES, make_samples
 
     batch = model.prepare_inputs(["what is the color", "how many"], [images[0], [images[1], images[2]]])
     assert_logits_equal_hf(model, hf_reference, batch)
@@ -64,4 +64,4 @@ def test_shared_architecture_checks_hold(model, hf_reference, images):
     assert_zeroing_matches_hf_hook(model, hf_reference, batch)
     clean = model.prepare_inputs(["what is the color", "how many are there"], [images[0], images[0]])
     corrupted = model.prepare_inputs(["what is the color", "how many are there"], [images[2].resize(images[0].size)] * 2)
-    assert_analyses_run(model, make_samples(6), clean, corrupted)
+    assert_analyses_run(model, make_samples(6, VARIED_SIZES), clean, corrupted)

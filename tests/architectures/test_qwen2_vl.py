@@ -17,7 +17,7 @@ from checks import (
     assert_zeroing_matches_hf_hook,
     hf_module_outputs,
 )
-from helpers import make_samples, random_image
+from helpers import VARIED_SIZES, make_samples, random_image
 
 from mm_lens.collect import collect_neuron_stats, prompt_batch
 from mm_lens.inputs import MultimodalBatch
@@ -257,7 +257,7 @@ def test_shared_checks_and_analyses(model, hf_reference):
     image = random_image(40, 60, 7)
     clean = model.prepare_inputs(PROMPTS[:2], [image, image])
     corrupted = model.prepare_inputs(PROMPTS[:2], [random_image(40, 60, 8)] * 2)
-    assert_analyses_run(model, make_samples(6), clean, corrupted)
+    assert_analyses_run(model, make_samples(6, VARIED_SIZES), clean, corrupted)
     # resuming at a layer reuses the recorded M-RoPE embeddings: same effects as full forwards
     fast = patch_sweep(model, clean, corrupted, positions="image", per="cell", cell_size=2, progress=False)
     full = patch_sweep(model, clean, corrupted, positions="image", per="cell", cell_size=2, fast=False, progress=False)
