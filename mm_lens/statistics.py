@@ -9,8 +9,9 @@ Position classes: ``image`` (image-feature and image-newline positions), ``text`
 positions, special tokens excluded), ``all`` (every non-padding position) and ``last`` (the
 last non-padding position of each row); ``video`` and ``audio`` may be asked for too.
 Encoder positions (vision tower, Q-Former, projector; the audio encoder of an audio model)
-belong to the encoder's modality (``model.spec.encoder_modality``): they count in that class
-and ``all``. Encoder hooks' leading rows are split between items in proportion to their
+belong to the modality of the items the encoder runs on (``model.spec.encoder_calls()``: one
+call per kind, e.g. Qwen2-VL's images then videos): they count in that class and ``all``.
+Encoder hooks' leading rows are split between items in proportion to their
 ``ModalityMap.image_tiles`` units, so packed encoders (Qwen2-VL) work as batched ones do;
 rows the architecture marks as padding (``spec.encoder_rows``) are left out.
 """
@@ -203,7 +204,15 @@ class NeuronStatsCollector:
             self.model.run_with_hooks(batch, fwd_hooks=self._reducers(batch, domains), return_type=None)
 
     def add_cache(self, cache: Mapping[str, Tensor], batch: Any, domains: Sequence[str]) -> None:
-        """Add activations already cached for ``batch`` (e.g. by ``run_with_cache``)."""
+        """Add activations already cached for ``batch`` (e.g. by ``run_with_cache``). A cache
+        keeps the last call of each hook only: encoder modules need batches with one kind of
+        media (``update`` takes any)."""
+        kinds = set(batch.modality_map.item_modality)
+        if len(kinds) > 1 and any(not name.startswith("blocks.") for hooks in self.hooks.values() for name in hooks):
+            raise ValueError(
+                f"the batch holds {sorted(kinds)} items: the encoder ran once per kind and a cache keeps the last "
+                "call only; use update() for such batches"
+            )
         for name, reduce_into_stats in self._reducers(batch, domains):
             reduce_into_stats(cache[name], None)
 
@@ -216,14 +225,12 @@ class NeuronStatsCollector:
             raise ValueError(f"domain labels {unknown} are not among the collector's domains {list(self.stats.domains)}")
         domain_of_row = torch.tensor([self.stats.domains.index(d) for d in domains])
         spec = self.model.spec
-        others = sorted(set(mm.item_modality) - {spec.encoder_modality})
-        if others and any(not name.startswith("blocks.") for hooks in self.hooks.values() for name in hooks):
-            raise ValueError(
-                f"the batch holds {others} items besides {spec.encoder_modality}s: the encoder would run on them too "
-                f"and its statistics would mix them; collect encoder modules on {spec.encoder_modality}-only batches "
-                "(language-model modules, modules=['lm_mlp'], take any batch)"
-            )
-        segments = _segments(mm, domain_of_row, self.stats.classes, spec.encoder_modality)
+        stray = sorted(set(mm.item_modality) - set(spec.encoder_calls()))
+        if stray:
+            raise ValueError(f"the batch holds {stray} items, which {spec.hf_class} does not take")
+        # the encoder runs once per kind of media in the batch, in the spec's order
+        calls = [kind for kind in spec.encoder_calls() if kind in mm.item_modality] or [spec.encoder_modality]
+        segments = [_segments(mm, domain_of_row, self.stats.classes, kind) for kind in calls]
         real_rows = {} if spec.encoder_rows is None else spec.encoder_rows(self.model.hf_model.config, batch.inputs)
         return [
             (name, self._reducer(module, layer, segments, name.startswith("blocks."), real_rows.get(module)))
@@ -232,12 +239,21 @@ class NeuronStatsCollector:
         ]
 
     def _reducer(
-        self, module: str, layer: int, segments: "_Segments", on_sequence: bool, real_rows: Tensor | None
+        self, module: str, layer: int, segments: list["_Segments"], on_sequence: bool, real_rows: Tensor | None
     ) -> Callable:
+        """The hook function of one neuron hook for one batch. An encoder hook fires once per
+        kind of media (``segments[k]`` describes its ``k``-th call); a language-model hook once."""
         stats = self.stats.modules[module]
+        calls = iter(segments[:1] if on_sequence else segments)
 
         def reduce_into_stats(act: Tensor, hook: Any) -> None:
-            rows, spans = segments.select(act, on_sequence, real_rows)
+            call = next(calls, None)
+            if call is None:
+                raise ValueError(
+                    f"{module} layer {layer} fired more often than the batch's {len(segments)} kind(s) of media; "
+                    "a cache keeps one call per hook, so pass batches with one kind of media to add_cache"
+                )
+            rows, spans = call.select(act, on_sequence, real_rows)
             for start, end, destinations in spans:
                 values = rows[start:end]
                 wide = values.double()

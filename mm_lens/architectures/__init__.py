@@ -38,6 +38,9 @@ class ArchitectureSpec:
     architecture outside compatibility mode (listed in docs/hooks.md).
     ``check_inputs(config, inputs)``: architecture-specific input checks (raise ValueError).
     ``encoder_modality``: the modality whose items feed the non-language-model neuron hooks.
+    ``encoder_modalities``: where the encoder also takes other items, all the modalities it
+    takes, in the order HF runs it on them within one forward (Qwen2-VL: images, then
+    videos); default ``(encoder_modality,)``.
     ``nested_images``: the processor takes one list of images per prompt (Gemma 3), not one
     flat list.
     ``image_geometry``: where a view's patch grid lies on the original picture, for heatmaps:
@@ -66,12 +69,17 @@ class ArchitectureSpec:
     inert_hooks: tuple[str, ...] = ()
     check_inputs: Callable[[Any, Mapping[str, Any]], None] | None = None
     encoder_modality: str = "image"
+    encoder_modalities: tuple[str, ...] = ()
     nested_images: bool = False
     image_geometry: str | None = "llava"
     derived_inputs: Callable[[Any, Mapping[str, Any]], Mapping[str, Any]] | None = None
     prompt_placeholders: bool = True
     encoder_rows: Callable[[Any, Mapping[str, Any]], Mapping[str, Any]] | None = None
     prompt_only_inputs: tuple[str, ...] = ()
+
+    def encoder_calls(self) -> tuple[str, ...]:
+        """The modalities the encoder takes, in the order of its calls within one forward."""
+        return self.encoder_modalities or (self.encoder_modality,)
 
     def token_ids(self, config: Any) -> dict[str, int]:
         """Modality -> placeholder token id of this model's config."""

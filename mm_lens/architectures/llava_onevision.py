@@ -160,6 +160,7 @@ LLAVA_ONEVISION = replace(
     feature_inputs={"image": "pixel_values", "video": "pixel_values_videos"},
     token_attributes={"image": "image_token_id", "video": "video_token_id"},
     check_inputs=_check_onevision_inputs,
-    nested_images=True,  # as HF's examples call it: images sharing a prompt then take the base view only
+    nested_images=True,
+    encoder_modalities=("image", "video"),  # the tower runs on the images, then on the videos  # as HF's examples call it: images sharing a prompt then take the base view only
 )
 SPECS = (LLAVA_ONEVISION,)

@@ -209,6 +209,7 @@ QWEN2_VL = ArchitectureSpec(
     inert_hooks=INERT_HOOKS,
     check_inputs=check_qwen2_vl_inputs,
     image_geometry="whole",  # the processor resizes the whole picture to the patch grid (no crop, no pad)
+    encoder_modalities=("image", "video"),  # HF runs the tower on the images, then on the videos
 )
 QWEN2_5_VL = replace(
     QWEN2_VL,

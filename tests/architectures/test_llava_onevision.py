@@ -182,3 +182,20 @@ def test_zeroing_and_analyses(model, hf_reference, pictures):
     clean = model.prepare_inputs(["what is the color", "how many are there"], [pictures[0], pictures[0]])
     corrupted = model.prepare_inputs(["what is the color", "how many are there"], [pictures[1].resize(pictures[0].size)] * 2)
     assert_analyses_run(model, make_samples(6, VARIED_SIZES), clean, corrupted)
+
+
+def test_statistics_of_a_batch_with_an_image_and_a_video_count_each_call(model, hf_reference, pictures):
+    """The tower runs on the image crops, then on the video frames: each call's rows go to
+    their own class, and the counts equal HF's vision-MLP activations caught by a PyTorch hook."""
+    from mm_lens.statistics import NeuronStatsCollector
+
+    batch = _video_batch(model, picture=pictures[1])
+    collector = NeuronStatsCollector(model, ["d"], modules=["vision_mlp"], classes=("image", "video", "all"))
+    collector.update(batch, ["d", "d"])
+    stats = collector.stats
+    activation = hf_reference.model.vision_tower.encoder.layers[0].mlp.activation_fn
+    image_rows, video_rows = (act.reshape(-1, act.shape[-1]) for act in hf_module_outputs(hf_reference, activation, batch))
+    assert int(stats.n_tokens("vision_mlp", "image")) == image_rows.shape[0]
+    assert int(stats.n_tokens("vision_mlp", "video")) == video_rows.shape[0] == 3 * SIDE * SIDE
+    assert torch.equal(stats.over_zero("vision_mlp", "image")[0, :, 0], (image_rows > 0).sum(0))
+    assert torch.equal(stats.over_zero("vision_mlp", "video")[0, :, 0], (video_rows > 0).sum(0))

@@ -263,3 +263,25 @@ def test_shared_checks_and_analyses(model, hf_reference):
     full = patch_sweep(model, clean, corrupted, positions="image", per="cell", cell_size=2, fast=False, progress=False)
     torch.testing.assert_close(fast.effect, full.effect, atol=1e-4, rtol=0)
     assert fast.effect.abs().max() > 1e-3
+
+
+def test_statistics_of_a_batch_with_an_image_and_a_video_count_each_call(model, hf_reference):
+    """The tower runs twice (images, then videos): each call's rows go to their own class,
+    and the counts over both equal HF's vision-MLP activations caught by a PyTorch hook."""
+    from mm_lens.statistics import NeuronStatsCollector
+
+    batch = video_batch(model)
+    collector = NeuronStatsCollector(model, ["d"], modules=["vision_mlp", "projector"], classes=("image", "video", "all"))
+    collector.update(batch, ["d", "d"])
+    stats = collector.stats
+    visual = hf_reference.model.visual
+    activation = getattr(visual.blocks[0].mlp, "act_fn", None) or visual.blocks[0].mlp.act
+    image_rows, video_rows = (act.reshape(-1, act.shape[-1]) for act in hf_module_outputs(hf_reference, activation, batch))
+    assert int(stats.n_tokens("vision_mlp", "image")) == image_rows.shape[0] == int(batch["image_grid_thw"].prod())
+    assert int(stats.n_tokens("vision_mlp", "video")) == video_rows.shape[0] == int(batch["video_grid_thw"].prod())
+    assert torch.equal(stats.over_zero("vision_mlp", "video")[0, :, 0], (video_rows > 0).sum(0))
+    assert torch.equal(stats.over_zero("vision_mlp", "all")[0, :, 0], (image_rows > 0).sum(0) + (video_rows > 0).sum(0))
+    assert int(stats.n_tokens("projector", "all")) == (image_rows.shape[0] + video_rows.shape[0]) // 4
+    _, cache = model.run_with_cache(batch, names_filter=model.neuron_hooks["vision_mlp"])
+    with pytest.raises(ValueError, match="a cache keeps the last call only"):
+        collector.add_cache(cache, batch, ["d", "d"])
