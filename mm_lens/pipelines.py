@@ -12,13 +12,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from PIL import Image
 
-from mm_lens.collect import Sample, collect_neuron_stats, sample_column
+from mm_lens.collect import Sample, chat_prompt, collect_neuron_stats, sample_column
 from mm_lens.domain_neurons import select_domain_neurons
 from mm_lens.report import HTMLReport
 from mm_lens.statistics import NeuronStats
 from mm_lens.visualize import heatmap_for
 from mm_lens.convergence import ConvergenceResult, analyze_convergence
-from mm_lens.inputs import answer_token_ids, sample_prompt
+from mm_lens.inputs import answer_token_ids
 from mm_lens.lens import LensSummary, logit_lens_summary
 from mm_lens.modality import MODALITIES
 from mm_lens.evaluation import CrossDomainResult, evaluate_cross_domain
@@ -251,7 +251,7 @@ def run_patching(
     clean_sample, corrupted_sample = counterfactual_pair(samples, domain)
     clean = model.prepare_inputs([clean_sample["question"]], [clean_sample["image"]])
     corrupted = model.prepare_inputs([corrupted_sample["question"]], [corrupted_sample["image"]])
-    prompt = sample_prompt(model.processor, clean_sample["question"], clean_sample["image"])
+    prompt = chat_prompt(model, clean_sample)
     answer = torch.tensor(answer_token_ids(model.processor, prompt, clean_sample["answer"])[:1])
     wrong = torch.tensor(answer_token_ids(model.processor, prompt, corrupted_sample["answer"])[:1])
     answers = {"answer_tokens": answer, "wrong_tokens": wrong} if metric == "logit_diff" else {}

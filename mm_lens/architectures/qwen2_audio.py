@@ -87,28 +87,35 @@ class Qwen2AudioNeuronAdapter(Qwen2AudioArchitectureAdapter):
             layer.attn.setup_hook_compatibility()
 
 
+def _mel_frames(inputs: Mapping[str, Any]) -> Int[Tensor, "clip"]:
+    """Unpadded mel frames of each clip, from ``feature_attention_mask``."""
+    return torch.as_tensor(inputs["feature_attention_mask"]).sum(-1).cpu()
+
+
+def _encoder_frames(frames: Int[Tensor, "clip"]) -> Int[Tensor, "clip"]:
+    """Encoder positions of clips of ``frames`` mel frames: the stride-2 convolution."""
+    return (frames - 1) // 2 + 1
+
+
 def audio_token_counts(frames: Int[Tensor, "clip"]) -> Int[Tensor, "clip"]:
     """Audio tokens of clips of ``frames`` unpadded mel frames: the stride-2 convolution,
     then the stride-2 average pool (HF's ``_get_feat_extract_output_lengths``)."""
-    after_conv = (frames - 1) // 2 + 1
-    return (after_conv - 2) // 2 + 1
+    return (_encoder_frames(frames) - 2) // 2 + 1
 
 
 def qwen2_audio_layouts(config: Any, inputs: Mapping[str, Any]) -> list[ImageLayout]:
     """One layout per clip (row of ``input_features``), its length from ``feature_attention_mask``."""
     if inputs.get("input_features") is None:
         return []
-    counts = audio_token_counts(torch.as_tensor(inputs["feature_attention_mask"]).sum(-1).cpu())
-    return [ImageLayout.sequence(int(n), "audio") for n in counts]
+    return [ImageLayout.sequence(int(n), "audio") for n in audio_token_counts(_mel_frames(inputs))]
 
 
 def real_encoder_frames(config: Any, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
     """``audio_mlp``: ``[clips, max_source_positions]``, True on the encoder frames of each
-    clip's unpadded audio (the stride-2 convolution of its ``L`` mel frames gives
-    ``(L - 1) // 2 + 1``); the encoder also runs on the padding up to its fixed length."""
+    clip's unpadded audio; the encoder also runs on the padding up to its fixed length."""
     if inputs.get("input_features") is None:
         return {}
-    frames = (torch.as_tensor(inputs["feature_attention_mask"]).sum(-1).cpu() - 1) // 2 + 1
+    frames = _encoder_frames(_mel_frames(inputs))
     positions = torch.arange(config.audio_config.max_source_positions)
     return {"audio_mlp": positions[None, :] < frames[:, None]}
 
@@ -134,7 +141,7 @@ def check_audio_inputs(config: Any, inputs: Mapping[str, Any]) -> None:
             f"feature_attention_mask has shape {tuple(mask.shape)} but input_features describe {features.shape[0]} clips "
             f"of {features.shape[2]} frames; pass one mask row per clip"
         )
-    counts = audio_token_counts(torch.as_tensor(mask).sum(-1).cpu())
+    counts = audio_token_counts(_mel_frames(inputs))
     if (counts < 1).any():
         clips = torch.nonzero(counts < 1).flatten().tolist()
         raise ValueError(f"audio clips {clips} are too short to give an audio token; pass clips of at least 3 mel frames")
