@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformer_lens.model_bridge.generalized_components import GatedMLPBridge, VisionProjectionBridge
+from transformer_lens.model_bridge.generalized_components import AttentionBridge, GatedMLPBridge, VisionProjectionBridge
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
 
@@ -46,3 +46,34 @@ class NeuronProjectorBridge(VisionProjectionBridge):
 
     def __init__(self, name: str, activation: str = "act"):
         super().__init__(name, submodules={"act": GeneralizedComponent(name=activation)})
+
+
+class _CacheKeywordAttention:
+    """Mixin: find the KV cache under either keyword. transformers 5.24+ hands it to attention
+    modules as ``cache``; TransformerLens 4.3's attention bridges, which rebuild attention
+    themselves, read only ``past_key_values`` (or ``layer_past``), so without this every
+    cached decoding step would attend to itself alone."""
+
+    def _update_kv_cache(self, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return super()._update_kv_cache(k, v, **kwargs)  # type: ignore[misc]
+
+
+_CACHE_KEYWORD_CLASSES: dict[type, type] = {}
+
+
+def read_cache_keyword(bridge: torch.nn.Module) -> int:
+    """Make every attention bridge of ``bridge`` that updates a KV cache itself read the cache
+    under both keywords (each instance moves to a subclass with ``_CacheKeywordAttention``).
+    Returns how many modules were changed."""
+    changed = 0
+    for module in bridge.modules():
+        cls = type(module)
+        if not isinstance(module, AttentionBridge) or issubclass(cls, _CacheKeywordAttention):
+            continue
+        if cls not in _CACHE_KEYWORD_CLASSES:
+            _CACHE_KEYWORD_CLASSES[cls] = type(cls.__name__, (_CacheKeywordAttention, cls), {"__module__": cls.__module__})
+        module.__class__ = _CACHE_KEYWORD_CLASSES[cls]
+        changed += 1
+    return changed

@@ -24,6 +24,7 @@ from transformer_lens.model_bridge.sources.transformers import helpers as tl_loa
 from transformers import AutoConfig, AutoProcessor
 
 from mm_lens.architectures import ArchitectureSpec, spec_for
+from mm_lens.bridge_components import read_cache_keyword
 from mm_lens.inputs import ImagesPerPrompt, MediaPerPrompt, MultimodalBatch, encode
 from mm_lens.modality import ModalityMap, build_modality_map
 
@@ -134,6 +135,7 @@ class HookedMLLM(torch.nn.Module):
                 model_class=getattr(transformers, spec.hf_class, None),
             )
         bridge.processor = processor
+        read_cache_keyword(bridge)
         if compatibility_mode:
             bridge.enable_compatibility_mode(disable_warnings=True)
         return cls(bridge, processor, spec)

@@ -24,7 +24,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import Cache
 
+from mm_lens.fast_path import agreeing
 from mm_lens.inputs import MultimodalBatch
 from mm_lens.io import load_tensors, save_tensors
 from mm_lens.modality import ModalityMap, position_mask
@@ -104,6 +106,16 @@ def _tile(inputs: dict[str, Tensor], copies: int) -> dict[str, Tensor]:
     return {k: torch.cat([v] * copies) for k, v in inputs.items()}
 
 
+_CACHE_KEYWORDS = frozenset({"past_key_values", "past_key_value", "cache", "layer_past", "use_cache", "cache_position"})
+
+
+def block_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed block needs of the keyword inputs it received: everything but the KV
+    cache, under whichever name (``past_key_values`` up to transformers 5.23, ``cache``
+    since) or type it came, and the flags that go with it."""
+    return {k: v for k, v in kwargs.items() if k not in _CACHE_KEYWORDS and not isinstance(v, Cache)}
+
+
 class _ResumableRun:
     """One run of a batch that can be resumed at any LM layer: the residual entering each
     block and the keyword inputs each block receives (mask, rotary embeddings, positions;
@@ -121,7 +133,7 @@ class _ResumableRun:
         def record(layer: int):
             def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
                 self.inputs[layer] = args[0].detach()
-                self.kwargs[layer] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "cache_position")}
+                self.kwargs[layer] = block_kwargs(kwargs)
             return pre_hook
 
         handles = [block.register_forward_pre_hook(record(l), with_kwargs=True) for l, block in enumerate(blocks)]
@@ -329,12 +341,28 @@ def patch_sweep(
                     act[k * rows : (k + 1) * rows, unit.positions] = source_act[:, unit.positions]
                 return act
 
+            def plain(patch=patch) -> Tensor:
+                return model.run_with_hooks(fwd_hooks=[(name, patch)], **_tile(runs[target].inputs, copies))
+
+            def fast(patch=patch, layer=layers[li]) -> Tensor:
+                with model.hooks(fwd_hooks=[(name, patch)]):
+                    return resume.logits_from(layer, copies, at=mm.last if at_last else None)
+
             with torch.no_grad():
                 if resume is None:
-                    logits = model.run_with_hooks(fwd_hooks=[(name, patch)], **_tile(runs[target].inputs, copies))
+                    logits = plain()
+                elif li == 0 and ci == 0:  # the first forward checks the fast path against the plain one
+                    logits = plain()
+                    last = mm.last.repeat(copies)
+                    expected = logits[torch.arange(len(last)), last]
+                    view = (lambda fast_logits: fast_logits[:, 0]) if at_last else (lambda fast_logits: fast_logits[torch.arange(len(last)), last])
+                    checked_logits = agreeing("patching resume", fast, expected, view)
+                    if checked_logits is None:
+                        resume = None
+                    else:
+                        logits = checked_logits
                 else:
-                    with model.hooks(fwd_hooks=[(name, patch)]):
-                        logits = resume.logits_from(layers[li], copies, at=mm.last if at_last else None)
+                    logits = fast()
             scorer = measure_last if resume is not None else measure
             # a metric may return [rows] or one number: either way one value per patch
             per_copy = torch.stack([torch.as_tensor(scorer(logits[k * rows : (k + 1) * rows])).float().mean() for k in range(copies)])

@@ -159,3 +159,43 @@ def test_a_metric_returning_one_number_is_measured_per_patch(model, pairs, arch)
     together = patch_sweep(model, clean, corrupted, positions="text", metric=scalar, patches_per_forward=4, progress=False)
     alone = patch_sweep(model, clean, corrupted, positions="text", metric=scalar, patches_per_forward=1, fast=False, progress=False)
     assert torch.allclose(together.metric, alone.metric, atol=1e-4)
+
+
+def test_resumed_blocks_get_no_kv_cache_under_any_name():
+    from transformers import DynamicCache
+
+    from mm_lens.patching import block_kwargs
+
+    mask, cache = torch.ones(1, 3), DynamicCache()
+    kept = block_kwargs({"attention_mask": mask, "cache": cache, "past_key_values": cache, "use_cache": True,
+                         "cache_position": torch.arange(3), "renamed_cache": cache})
+    assert list(kept) == ["attention_mask"]
+
+
+@pytest.mark.parametrize("drift", ["unexpected_keyword", "kv_cache_re_fed"])
+def test_a_drifted_block_signature_falls_back_to_full_forwards_with_a_warning(model, pairs, arch, monkeypatch, drift):
+    """Simulates a transformers release that changes what blocks receive: the fast path's
+    first forward disagrees with the plain one, so the sweep warns and gives the plain numbers."""
+    from mm_lens import fast_path, patching
+
+    clean, corrupted = pairs[arch]
+    expected = patch_sweep(model, clean, corrupted, layers=[0, 1], positions="text", fast=False, progress=False)
+    handles = []
+    if drift == "unexpected_keyword":  # blocks now refuse a keyword they are handed
+        monkeypatch.setattr(patching, "block_kwargs", lambda kwargs: {**kwargs, "not_a_block_argument": 1.0})
+        handles = [block.register_forward_pre_hook(_refuse_unknown_keyword, with_kwargs=True) for block in model.bridge.blocks]
+    else:  # the cache arrives under a name the filter does not know: re-fed, it doubles the keys
+        monkeypatch.setattr(patching, "block_kwargs", lambda kwargs: dict(kwargs))
+    monkeypatch.setattr(fast_path, "_warned", set())
+    try:
+        with pytest.warns(fast_path.FastPathWarning, match="patching resume fast path disagrees"):
+            result = patch_sweep(model, clean, corrupted, layers=[0, 1], positions="text", progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(result.metric, expected.metric, atol=1e-5)
+
+
+def _refuse_unknown_keyword(module, args, kwargs):
+    if "not_a_block_argument" in kwargs:
+        raise TypeError("forward() got an unexpected keyword argument 'not_a_block_argument'")
