@@ -302,6 +302,6 @@ def deactivation_hooks(
 @contextlib.contextmanager
 def deactivated(model: Any, neurons: Neurons | Any, **kwargs: Any) -> Iterator[Any]:
     """Deactivate ``neurons`` in every call made inside (forward, ``run_with_cache``,
-    ``model.hf_model.generate``); keyword arguments as in ``deactivation_hooks``."""
+    ``model.generate``); keyword arguments as in ``deactivation_hooks``."""
     with model.hooks(fwd_hooks=deactivation_hooks(model, neurons, **kwargs)):
         yield model

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mm_lens.collect import Sample, chat_prompt, chunk_media, prompt_batch, sample_chunks, sample_column
 from mm_lens.deactivation import deactivation_hooks
+from mm_lens.generation import check_generation
 from mm_lens.inputs import answer_token_ids
 from mm_lens.io import load_tensors, save_tensors
 from mm_lens.neurons import NeuronSet
@@ -47,18 +48,9 @@ class AnswerScores:
 
 
 def _greedy_answers(model: Any, batch: Any, hooks: list, max_new_tokens: int) -> list[str]:
-    """Greedy continuation of each prompt (HF ``generate`` with the hooks active)."""
-    tokenizer = model.processor.tokenizer
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        generated = model.hf_model.generate(
-            **batch.inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            suppress_tokens=list(model.spec.token_ids(model.hf_model.config).values()),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new_tokens = generated[:, batch["input_ids"].shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    """Greedy continuation of each prompt (``model.generate`` with the hooks active)."""
+    with model.hooks(fwd_hooks=hooks):
+        return model.generate(batch, max_new_tokens=max_new_tokens).text
 
 
 def _teacher_forced(model: Any, chunk: Sequence[Sample], deactivate: Mapping[str, Any] | None):
@@ -261,6 +253,7 @@ def evaluate_cross_domain(
         scores = score_answers(model, samples, deactivate=deactivate, batch_size=batch_size, max_new_tokens=max_new_tokens)
         return scores, _per_domain(scores, baseline, labels, domains)
 
+    check_generation(model, prompt_batch(model, list(samples[: min(batch_size, 4)])), max_new_tokens)
     bar = tqdm(total=len(runs), desc="cross-domain evaluation", disable=not progress, unit="run")
     base_scores, baseline = run(None, None, None)
     bar.update(1)

@@ -38,13 +38,14 @@ def mismatch(fast: Tensor, plain: Tensor, rtol: float = RTOL) -> str | None:
     return None
 
 
-def warn_fallback(name: str, reason: str) -> None:
-    """Warn (once per ``name`` and process) that ``name``'s fast path was abandoned."""
+def warn_fallback(name: str, reason: str, consequence: str = "using the plain path") -> None:
+    """Warn (once per ``name`` and process) that ``name``'s fast path disagrees with the
+    plain path, and what follows (``consequence``)."""
     if name in _warned:
         return
     _warned.add(name)
     warnings.warn(
-        f"mm_lens: the {name} fast path disagrees with the plain path ({reason}); using the plain path. "
+        f"mm_lens: the {name} fast path disagrees with the plain path ({reason}); {consequence}. "
         "This usually means an untested transformers/transformer-lens version; please report it.",
         FastPathWarning,
         stacklevel=3,

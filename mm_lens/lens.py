@@ -56,6 +56,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mm_lens.collect import Sample, prompt_batch, sample_chunks, sample_column
+from mm_lens.fast_path import mismatch, warn_fallback
 from mm_lens.io import load_tensors, save_tensors
 from mm_lens.modality import position_mask
 
@@ -419,6 +420,32 @@ def _final_scale(model: Any, batch: Any, mask: Tensor) -> Tensor:
     return kept["scale"]
 
 
+def _final_rows_hooks(model: Any, row: Tensor, col: Tensor, kept: dict[str, Tensor]) -> list:
+    """Hooks keeping the last residual and the model's own logits at one position."""
+
+    def keep(name: str):
+        def hook(activation: Tensor, hook: Any) -> None:
+            kept[name] = activation[row, col].detach()
+
+        return hook
+
+    return [(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", keep("resid")), ("unembed.hook_out", keep("logits"))]
+
+
+def _check_against_model(kept: Mapping[str, Tensor], final_norm: Norm, W_U: Tensor, b_U: Tensor | None) -> None:
+    """The lens' fast path (the HF final norm and ``lm_head`` weights applied directly) must
+    give the model's own log-probabilities from its last residual; a mismatch (e.g. a release that adds
+    a logit transform) is reported with a ``FastPathWarning``: intermediate layers have no
+    other reference to fall back to."""
+    if "logits" not in kept:
+        return
+    ours = lens_logits(kept["resid"][None].to(W_U.device), final_norm, W_U, b_U)[0]
+    # log-probabilities: compatibility mode centres the unembedding, which shifts logits alone
+    problem = mismatch(ours.float().log_softmax(-1), kept["logits"].to(ours.device).float().log_softmax(-1))
+    if problem is not None:
+        warn_fallback("logit lens", problem, "the lens readings may not be what the model computes")
+
+
 def logit_lens(
     model: Any,
     batch: Mapping[str, Any],
@@ -476,7 +503,8 @@ def logit_lens(
             return hook
 
         fwd_hooks = [(f"blocks.{l}.hook_{kind}", reader(kind, l)) for kind in kinds for l in layer_list]
-        model.run_with_hooks(batch, fwd_hooks=fwd_hooks, return_type=None)
+        model.run_with_hooks(batch, fwd_hooks=fwd_hooks + _final_rows_hooks(model, rows[0], cols[0], kept := {}), return_type=None)
+    _check_against_model(kept, final_norm, W_U, b_U)
     stats = {kind: LensStats.stack([readings[kind][l] for l in layer_list]) for kind in kinds}
     return LogitLens(stats, layer_list, rows, cols, target_ids, getattr(model.processor, "tokenizer", None))
 

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-MODALITIES: tuple[str, ...] = ("text", "image", "special", "padding", "video", "audio")
+MODALITIES: tuple[str, ...] = ("text", "image", "special", "padding", "video", "audio", "generated")
 
 
 def modality_code(name: str) -> int:

@@ -9,6 +9,7 @@ on image tokens as on text.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -21,10 +22,11 @@ from transformer_lens.factories import architecture_adapter_factory as tl_adapte
 from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources.transformers import helpers as tl_loader_helpers
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig, AutoProcessor, Cache
 
 from mm_lens.architectures import ArchitectureSpec, spec_for
 from mm_lens.bridge_components import read_cache_keyword
+from mm_lens.generation import Generation, StepRecorder, ended_rows, sequence_batch
 from mm_lens.inputs import ImagesPerPrompt, MediaPerPrompt, MultimodalBatch, encode
 from mm_lens.modality import ModalityMap, build_modality_map
 
@@ -93,6 +95,7 @@ class HookedMLLM(torch.nn.Module):
         self.bridge = bridge
         self.processor = processor
         self.spec = spec
+        bridge.original_model.register_forward_pre_hook(self._refuse_runs_without_media, with_kwargs=True)
         self.eval()  # analyses run in evaluation mode, as HF's from_pretrained leaves models
 
     # ---- loading -------------------------------------------------------------------
@@ -213,13 +216,9 @@ class HookedMLLM(torch.nn.Module):
         layouts = self.spec.layouts(config, inputs)
         return build_modality_map(inputs["input_ids"], inputs.get("attention_mask"), token_ids, special, layouts)
 
-    def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        if isinstance(inputs, MultimodalBatch):
-            inputs = inputs.inputs
-        inputs = dict(inputs)
-        input_ids = inputs.get("input_ids")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-            raise ValueError("input_ids must be a [batch, pos] tensor; build inputs with model.prepare_inputs")
+    def _check_media(self, input_ids: torch.Tensor, inputs: Mapping[str, Any], features_need_tokens: bool = True) -> None:
+        """Refuse media placeholder tokens without their features (a run without the media)
+        and (``features_need_tokens``) features without placeholder tokens."""
         token_ids = self.spec.token_ids(self.hf_model.config)
         for modality, name in self.spec.feature_inputs.items():
             n_tokens = int((input_ids == token_ids[modality]).sum())
@@ -227,13 +226,36 @@ class HookedMLLM(torch.nn.Module):
             if n_tokens and features is None:
                 raise ValueError(
                     f"input_ids hold {n_tokens} {modality} tokens but no {name} were given; "
-                    f"pass the {modality} features as {name} (model.prepare_inputs does both)"
+                    f"pass the {modality} features as {name} (model.prepare_inputs does both; for generation use "
+                    "model.generate, for TransformerLens' patching functions mm_lens.patching.with_inputs)"
                 )
-            if features is not None and not n_tokens:
+            if features_need_tokens and features is not None and not n_tokens:
                 raise ValueError(
                     f"{name} were given but input_ids hold no {modality} token; put the {modality} token in the "
                     "prompt (model.prepare_inputs does it through the chat template)"
                 )
+
+    def _refuse_runs_without_media(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the HF model: whatever calls it (TransformerLens' ``generate``,
+        its patching functions, ``bridge(tokens)``), media tokens without media features are an
+        error, not a silent text-only run. Decoding steps over a filled KV cache are exempt."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if kwargs.get("mm_encoder_outputs"):  # transformers >= 5.25's generate encodes the media before the prefill
+            return
+        if not isinstance(input_ids, torch.Tensor) or any(
+            isinstance(value, Cache) and value.get_seq_length() > 0 for value in kwargs.values()
+        ):
+            return
+        self._check_media(input_ids, kwargs, features_need_tokens=False)
+
+    def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        if isinstance(inputs, MultimodalBatch):
+            inputs = inputs.inputs
+        inputs = dict(inputs)
+        input_ids = inputs.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            raise ValueError("input_ids must be a [batch, pos] tensor; build inputs with model.prepare_inputs")
+        self._check_media(input_ids, inputs)
         mask = inputs.get("attention_mask")
         if mask is not None and tuple(mask.shape) != tuple(input_ids.shape):
             raise ValueError(
@@ -299,6 +321,93 @@ class HookedMLLM(torch.nn.Module):
         """``TransformerBridge.run_with_cache`` on multimodal inputs (``names_filter`` as in TL)."""
         input_ids, rest = self._split(batch, inputs)
         return self.bridge.run_with_cache(input_ids, names_filter=names_filter, return_type=return_type, **rest)
+
+    def generate(
+        self,
+        batch: Mapping[str, Any] | None = None,
+        /,
+        *,
+        prompts: Sequence[str] | None = None,
+        images: Sequence[ImagesPerPrompt] | None = None,
+        videos: Sequence[MediaPerPrompt] | None = None,
+        audios: Sequence[MediaPerPrompt] | None = None,
+        max_new_tokens: int = 16,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_at_eos: bool = True,
+        return_cache: bool = False,
+        names_filter: str | Sequence[str] | Callable[[str], bool] | None = None,
+        **generate_kwargs: Any,
+    ) -> Generation:
+        """Continue a batch (a ``MultimodalBatch``, or ``prompts`` with their media as in
+        ``prepare_inputs``) with the media, the KV cache and every active hook: greedy by
+        default (equal to HF's ``generate`` on the untouched model), or sampling
+        (``do_sample``, ``temperature``, ``top_k``, ``top_p``; seed with ``torch.manual_seed``).
+        Stops at the end-of-sequence token unless ``stop_at_eos=False``. Media placeholder
+        tokens are never generated (they would have no features behind them). Other keywords
+        go to HF's ``generate`` (e.g. ``suppress_tokens``, added to the media tokens).
+
+        ``return_cache``: also an ``ActivationCache`` of the hooks ``names_filter`` selects
+        (as in ``run_with_cache``) over the prompt and the fed answer tokens; memory is what
+        the filter keeps. See ``mm_lens.generation``.
+        """
+        if (batch is None) == (prompts is None):
+            raise ValueError("pass either a batch (model.prepare_inputs(...)) or prompts=[...] with their media, not both")
+        if batch is None:
+            batch = self.prepare_inputs(prompts, images, videos=videos, audios=audios)
+        elif not isinstance(batch, MultimodalBatch):
+            batch = MultimodalBatch(dict(batch), self.modality_map(batch))
+        mask = batch.get("attention_mask")
+        if mask is not None and not bool(mask[:, -1].all()):
+            raise ValueError(
+                "the batch is right-padded: generated tokens would follow the padding; build it with "
+                "model.prepare_inputs(..., padding_side='left') (the default)"
+            )
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        tokenizer = self.processor.tokenizer
+        config = copy.deepcopy(self.hf_model.generation_config)
+        config.update(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        # a generated media placeholder would have no features behind it: never produce one
+        media_ids = list(self.spec.token_ids(self.hf_model.config).values())
+        config.suppress_tokens = sorted(set(media_ids) | set(generate_kwargs.pop("suppress_tokens", None) or []))
+        if config.pad_token_id is None:
+            config.pad_token_id = tokenizer.pad_token_id
+        eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if not stop_at_eos:
+            config.eos_token_id = []  # None would mean "the model's default"
+        prompt_length = batch["input_ids"].shape[1]
+        recorder = StepRecorder(self._cached_names(names_filter), prompt_length) if return_cache else None
+        with torch.no_grad(), self.bridge.hooks(fwd_hooks=recorder.hooks() if recorder else []):
+            output = self.hf_model.generate(**batch.inputs, generation_config=config, **generate_kwargs)
+        if not torch.equal(output[:, :prompt_length], batch["input_ids"]):
+            raise RuntimeError("HF's generate returned ids that do not start with the prompt; this architecture's generate is not supported")
+        new_tokens = output[:, prompt_length:]
+        ended = ended_rows(new_tokens, eos_ids if stop_at_eos else [])
+        derive = None if self.spec.derived_inputs is None else (lambda inputs: self.spec.derived_inputs(self.hf_model.config, inputs))
+        return Generation(
+            tokens=output,
+            new_tokens=new_tokens,
+            text=[t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)],
+            batch=sequence_batch(batch, new_tokens, ended, derive),
+            cache=ActivationCache(recorder.cache_dict(), self.bridge) if recorder else None,
+        )
+
+    def _cached_names(self, names_filter: str | Sequence[str] | Callable[[str], bool] | None) -> list[str]:
+        """Hook names a ``names_filter`` selects, as ``run_with_cache`` reads it."""
+        names = list(self.bridge.hook_dict)
+        if names_filter is None:
+            return names
+        if callable(names_filter):
+            return [n for n in names if names_filter(n)]
+        wanted = [names_filter] if isinstance(names_filter, str) else list(names_filter)
+        unknown = [n for n in wanted if n not in self.bridge.hook_dict]
+        if unknown:
+            raise KeyError(f"names_filter names hooks this model does not have: {unknown}; see model.hook_dict")
+        return wanted
 
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
         """Context manager adding hooks for the calls made inside it (TL's ``hooks()``)."""

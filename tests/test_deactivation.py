@@ -175,9 +175,7 @@ def test_greedy_generation_inside_deactivated_matches_repeated_forwards(model, i
     neurons = lm_neurons(model, {0: list(range(0, d, 3)), 1: list(range(1, d, 3))})
     kwargs = dict(positions=("image", "text"), modality_map=batch.modality_map)
     with deactivated(model, neurons, **kwargs):
-        generated = model.hf_model.generate(
-            **batch.inputs, max_new_tokens=3, do_sample=False, suppress_tokens=banned
-        )[:, batch["input_ids"].shape[1] :]
+        generated = model.generate(batch, max_new_tokens=3, suppress_tokens=banned).new_tokens
         ids, extra = batch["input_ids"], {k: v for k, v in batch.items() if k != "input_ids"}
         for _ in range(3):  # no KV cache: the whole sequence is recomputed each step
             extra["attention_mask"] = torch.ones_like(ids)
@@ -191,7 +189,7 @@ def test_decode_steps_inside_deactivated_run_the_hooks(model, batch):
     seen = []
     with deactivated(model, lm_neurons(model, {0: [1]}), positions="text", modality_map=batch.modality_map):
         with model.hooks(fwd_hooks=[(LM_HOOK.format(layer=0), lambda act, hook: seen.append(act.clone()))]):
-            model.hf_model.generate(**batch.inputs, max_new_tokens=3, do_sample=False)
+            model.generate(batch, max_new_tokens=3, stop_at_eos=False)
     assert [tuple(act.shape[:2]) for act in seen][1:] == [(2, 1), (2, 1)]
     assert all((act[..., 1] == 0).all() for act in seen[1:])
     assert (seen[0][..., 1][batch.modality_map.mask("text")] == 0).all()  # the prefill follows the map

@@ -3,12 +3,13 @@ against the model's own log-probabilities, the dataset summary, and the stage ru
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import pytest
 import torch
 
-from helpers import make_samples
+from helpers import make_samples, random_image
 from mm_lens import HookedMLLM
 from mm_lens.lens import (
     LensSummary,
@@ -385,3 +386,17 @@ def test_summary_rejects_bad_arguments(model):
         logit_lens_summary(model, make_samples(3), hook="resid", progress=False)
     with pytest.raises(ValueError, match="not in domains"):
         logit_lens_summary(model, make_samples(3), domains=["noise"], progress=False)
+
+
+def test_lens_checks_its_unembedding_against_the_model(model, monkeypatch):
+    """A logit transform the lens does not know (as a new release might add) is reported."""
+    from mm_lens import fast_path, lens
+
+    batch = model.prepare_inputs(["what is the color"], [random_image(30, 50, 0)])
+    monkeypatch.setattr(fast_path, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fast_path.FastPathWarning)
+        lens.logit_lens(model, batch, positions="image")  # the model's own unembedding: no warning
+    with model.hooks(fwd_hooks=[("unembed.hook_out", lambda logits, hook: 30 * torch.tanh(logits / 30) + 1)]):
+        with pytest.warns(fast_path.FastPathWarning, match="logit lens fast path disagrees"):
+            lens.logit_lens(model, batch, positions="image")

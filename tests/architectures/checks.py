@@ -216,3 +216,28 @@ def assert_analyses_run(
     zeros = patch_sweep(model, clean, corrupted, source="corrupted", target="corrupted", positions="text", progress=False)
     assert torch.allclose(ones.effect, torch.ones_like(ones.effect), atol=1e-4)
     assert torch.allclose(zeros.effect, torch.zeros_like(zeros.effect), atol=1e-4)
+
+
+def assert_generation_equals_hf(model: Any, hf_reference: Any, batch: Any, max_new_tokens: int = 5) -> None:
+    """Greedy ``model.generate`` (KV cache on) equals HF's ``generate`` on the untouched
+    model, also inside a hooks context; its cache equals a full forward over the generated
+    sequence at every non-padding position it covers."""
+    pad = model.processor.tokenizer.pad_token_id
+    media = list(model.spec.token_ids(model.hf_model.config).values())  # mm_lens never generates a placeholder
+    reference = hf_reference.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, suppress_tokens=media)
+    names = [f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", "blocks.0.mlp.hook_act", "blocks.0.attn.hook_pattern"]
+    generation = model.generate(batch, max_new_tokens=max_new_tokens, return_cache=True, names_filter=names)
+    assert torch.equal(generation.tokens, reference)
+    assert generation.new_tokens.shape[1] > 1  # several decoding steps over the KV cache
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda act, hook: act.clone())]):
+        assert torch.equal(model.generate(batch, max_new_tokens=max_new_tokens).tokens, reference)
+    _, full = model.run_with_cache(generation.batch, names_filter=names)
+    cached = generation.cache_map
+    keep = ~cached.mask("padding")
+    n = cached.shape[1]
+    assert n == reference.shape[1] - 1
+    for name in names[:2]:
+        assert (generation.cache[name] - full[name][:, :n])[keep].abs().max() <= 1e-4, name
+    pattern, full_pattern = generation.cache[names[2]], full[names[2]][:, :, :n, :n]
+    keys = keep[:, None, None, :] & keep[:, None, :, None]
+    assert (pattern - full_pattern).abs().masked_select(keys).max() <= 1e-4

@@ -147,3 +147,9 @@ def test_knockout_cuts_the_bidirectional_image_edges_too(model, pictures, renorm
     if renormalize:  # image queries keep their other keys, renormalised
         rows = pattern.sum(2)[image]
         torch.testing.assert_close(rows, torch.ones_like(rows))
+
+
+def test_generation_equals_hf(model, hf_reference, pictures):
+    from checks import assert_generation_equals_hf
+
+    assert_generation_equals_hf(model, hf_reference, mixed_image_batch(model, pictures, "left"))

@@ -169,3 +169,9 @@ def test_zeroing_and_analyses(model, hf_reference, pictures):
     clean = model.prepare_inputs(["what is the color", "how many are there"], [pictures[0], pictures[0]])
     corrupted = model.prepare_inputs(["what is the color", "how many are there"], [pictures[2].resize(pictures[0].size)] * 2)
     assert_analyses_run(model, make_samples(6, VARIED_SIZES), clean, corrupted)
+
+
+def test_generation_equals_hf(model, hf_reference, pictures):
+    from checks import assert_generation_equals_hf
+
+    assert_generation_equals_hf(model, hf_reference, mixed_image_batch(model, pictures, "left"))

@@ -251,3 +251,9 @@ def test_answer_scoring_equals_hf_with_the_qformer_reading_the_question_only(mod
         assert abs(float(score) - reference) < 1e-4
         answer_read_too = hf_answer_logprob(hf_reference, model.processor, content, s["answer"], media)
         assert abs(float(score) - answer_read_too) > 1e-4  # the Q-Former input matters here
+
+
+def test_generation_equals_hf(model, hf_reference):
+    from checks import assert_generation_equals_hf
+
+    assert_generation_equals_hf(model, hf_reference, image_batch(model, "left"))

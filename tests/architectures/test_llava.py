@@ -65,3 +65,10 @@ def test_shared_architecture_checks_hold(model, hf_reference, images):
     clean = model.prepare_inputs(["what is the color", "how many are there"], [images[0], images[0]])
     corrupted = model.prepare_inputs(["what is the color", "how many are there"], [images[2].resize(images[0].size)] * 2)
     assert_analyses_run(model, make_samples(6, VARIED_SIZES), clean, corrupted)
+
+
+def test_generation_equals_hf(model, hf_reference, images):
+    from checks import assert_generation_equals_hf
+
+    batch = model.prepare_inputs(["what is the color", "how many"], [images[0], [images[1], images[2]]], padding_side="left")
+    assert_generation_equals_hf(model, hf_reference, batch)

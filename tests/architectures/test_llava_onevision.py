@@ -52,7 +52,7 @@ def _nested_batch(model, pictures):
     return MultimodalBatch(inputs, model.modality_map(inputs))
 
 
-def _video_batch(model, picture=None, frames=3):
+def _video_batch(model, picture=None, frames=3, padding_side="right"):
     """A video prompt next to a text-only one (or, with ``picture``, an image one), built by
     hand: transformers' video processor needs torchvision, so the frames are random pixel
     values and the ``<video>`` tokens are expanded with the processor's own count."""
@@ -64,7 +64,7 @@ def _video_batch(model, picture=None, frames=3):
         image_inputs = dict(processor(text=["USER : <image> how many ASSISTANT :"], images=[picture], return_tensors="pt"))
         texts[1] = processor.tokenizer.decode(image_inputs.pop("input_ids")[0])
         del image_inputs["attention_mask"]
-    inputs = {**processor.tokenizer(texts, return_tensors="pt", padding=True), **image_inputs}
+    inputs = {**processor.tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side), **image_inputs}
     inputs["pixel_values_videos"] = torch.randn(1, frames, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     return MultimodalBatch(inputs, model.modality_map(inputs))
 
@@ -199,3 +199,10 @@ def test_statistics_of_a_batch_with_an_image_and_a_video_count_each_call(model, 
     assert int(stats.n_tokens("vision_mlp", "video")) == video_rows.shape[0] == 3 * SIDE * SIDE
     assert torch.equal(stats.over_zero("vision_mlp", "image")[0, :, 0], (image_rows > 0).sum(0))
     assert torch.equal(stats.over_zero("vision_mlp", "video")[0, :, 0], (video_rows > 0).sum(0))
+
+
+def test_generation_equals_hf(model, hf_reference, pictures):
+    from checks import assert_generation_equals_hf
+
+    assert_generation_equals_hf(model, hf_reference, mixed_image_batch(model, pictures, "left"))
+    assert_generation_equals_hf(model, hf_reference, _video_batch(model, padding_side="left"))

@@ -287,3 +287,9 @@ def test_answer_scoring_hears_the_audio(model, hf_reference):
         assert abs(float(score) - reference) < 1e-4
         deaf = hf_answer_logprob(hf_reference, model.processor, content[1:], s["answer"], {})
         assert abs(float(score) - deaf) > 1e-4  # the clip matters
+
+
+def test_generation_equals_hf(model, hf_reference):
+    from checks import assert_generation_equals_hf
+
+    assert_generation_equals_hf(model, hf_reference, mixed_batch(model, "left"))

@@ -44,7 +44,7 @@ def mixed_batch(model, padding_side: str = "left") -> MultimodalBatch:
     return model.prepare_inputs(PROMPTS, images, padding_side=padding_side)
 
 
-def video_batch(model) -> MultimodalBatch:
+def video_batch(model, padding_side: str = "right") -> MultimodalBatch:
     """An image and a 4-frame video (two temporal patches) in one prompt, a text-only row.
 
     HF's Qwen-VL video processor needs torchvision, so the batch is built from the
@@ -67,7 +67,7 @@ def video_batch(model) -> MultimodalBatch:
     image_tokens = placeholder("<|image_pad|>", int(image["image_grid_thw"].prod()) // 4)
     video_tokens = placeholder("<|video_pad|>", 2 * grid_h * grid_w // 4)
     texts = [f"USER : {image_tokens} {video_tokens} what is this ASSISTANT :", "USER : how many are there ASSISTANT :"]
-    inputs = dict(processor.tokenizer(texts, return_tensors="pt", padding=True))
+    inputs = dict(processor.tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side))
     inputs.update(
         mm_token_type_ids=torch.tensor(processor.create_mm_token_type_ids(inputs["input_ids"])),
         pixel_values=image["pixel_values"],
@@ -285,3 +285,10 @@ def test_statistics_of_a_batch_with_an_image_and_a_video_count_each_call(model, 
     _, cache = model.run_with_cache(batch, names_filter=model.neuron_hooks["vision_mlp"])
     with pytest.raises(ValueError, match="a cache keeps the last call only"):
         collector.add_cache(cache, batch, ["d", "d"])
+
+
+def test_generation_equals_hf(model, hf_reference):
+    from checks import assert_generation_equals_hf
+
+    assert_generation_equals_hf(model, hf_reference, mixed_batch(model, "left"))
+    assert_generation_equals_hf(model, hf_reference, video_batch(model, "left"))
