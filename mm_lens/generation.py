@@ -36,7 +36,8 @@ class Generation:
     ``text`` the decoded answers (special tokens skipped); ``batch`` the whole sequence as a
     ``MultimodalBatch`` (answer positions ``generated``, positions after a row's end
     ``padding``); ``cache`` (with ``return_cache``) the activations over ``batch``'s first
-    ``prompt + new - 1`` positions, described by ``cache_map``.
+    ``prompt + new - 1`` positions, which ``cache_batch`` holds (e.g. for
+    ``NeuronStatsCollector.add_cache`` with the ``generated`` position class).
     """
 
     tokens: Int[Tensor, "batch pos"]
@@ -46,9 +47,16 @@ class Generation:
     cache: ActivationCache | None = None
 
     @property
+    def cache_batch(self) -> MultimodalBatch:
+        """``batch`` without its last position: the positions ``cache`` covers."""
+        length, full = self.tokens.shape[1] - 1, self.tokens.shape
+        inputs = {k: v[:, :length] if isinstance(v, Tensor) and v.shape[:2] == full else v for k, v in self.batch.inputs.items()}
+        return MultimodalBatch(inputs, truncate_map(self.batch.modality_map, length))
+
+    @property
     def cache_map(self) -> ModalityMap:
         """The ModalityMap of the cached positions (every position but the last)."""
-        return truncate_map(self.batch.modality_map, self.tokens.shape[1] - 1)
+        return self.cache_batch.modality_map
 
 
 def extend_map(mm: ModalityMap, new_tokens: Int[Tensor, "batch new"], ended: Int[Tensor, "batch new"]) -> ModalityMap:

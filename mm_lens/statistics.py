@@ -32,7 +32,7 @@ from mm_lens.modality import ModalityMap
 
 POSITION_CLASSES: tuple[str, ...] = ("image", "text", "all", "last")
 MEDIA_CLASSES: tuple[str, ...] = ("image", "video", "audio")
-ALL_POSITION_CLASSES: tuple[str, ...] = POSITION_CLASSES + ("video", "audio")
+ALL_POSITION_CLASSES: tuple[str, ...] = POSITION_CLASSES + ("video", "audio", "generated")
 
 
 def default_classes(model: Any) -> tuple[str, ...]:
@@ -334,6 +334,7 @@ def _segments(mm: ModalityMap, domain_of_row: Tensor, classes: Sequence[str], en
         *[(mm.mask(m), targets(m, "all")) for m in MEDIA_CLASSES],
         (mm.mask("text"), targets("text", "all")),
         (mm.mask("special"), targets("all")),
+        (mm.mask("generated"), targets("generated")),  # answer tokens of a Generation's batch: not in "all"
         (mm.last_mask(), targets("last")),
     ]
     batch_index, pos_index, position_spans, start = [], [], [], 0

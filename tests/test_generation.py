@@ -129,3 +129,21 @@ def test_the_canary_passes_working_generation_and_stops_broken_generation(model,
     monkeypatch.setattr(_CacheKeywordAttention, "_update_kv_cache", lambda self, k, v, **kwargs: (k, v))
     with pytest.raises(RuntimeError, match="disagrees with full forwards"):
         check_generation(model, batch, max_new_tokens=4)
+
+
+def test_neuron_statistics_over_generated_answers_equal_a_full_forward(model, batch):
+    """MMNeuron's counts on the answers a model generated: from the generation's own cache,
+    and from a plain forward of the same positions."""
+    from mm_lens.statistics import NeuronStatsCollector
+
+    generation = model.generate(batch, max_new_tokens=4, stop_at_eos=False, return_cache=True,
+                                names_filter=lambda name: name.endswith("mlp.hook_act"))
+    domains = ["a", "b"]
+    from_generation = NeuronStatsCollector(model, domains, classes=("generated", "all"), modules=["lm_mlp"])
+    from_generation.add_cache(generation.cache, generation.cache_batch, domains)
+    from_forward = NeuronStatsCollector(model, domains, classes=("generated", "all"), modules=["lm_mlp"])
+    from_forward.update(generation.cache_batch, domains)
+    ours, reference = from_generation.stats.modules["lm_mlp"], from_forward.stats.modules["lm_mlp"]
+    assert ours.n_tokens[0, :, 0].tolist() == [3, 3]  # four answer tokens, the last never fed back
+    assert torch.equal(ours.n_tokens, reference.n_tokens) and torch.equal(ours.over_zero, reference.over_zero)
+    assert torch.allclose(ours.sum, reference.sum, atol=1e-4)
