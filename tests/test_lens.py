@@ -389,7 +389,8 @@ def test_summary_rejects_bad_arguments(model):
 
 
 def test_lens_checks_its_unembedding_against_the_model(model, monkeypatch):
-    """A logit transform the lens does not know (as a new release might add) is reported."""
+    """A logit transform the lens does not know (as a new release might add) is reported;
+    a constant shift of the logits (compatibility mode centres the unembedding) is not."""
     from mm_lens import fast_path, lens
 
     batch = model.prepare_inputs(["what is the color"], [random_image(30, 50, 0)])
@@ -397,6 +398,8 @@ def test_lens_checks_its_unembedding_against_the_model(model, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", fast_path.FastPathWarning)
         lens.logit_lens(model, batch, positions="image")  # the model's own unembedding: no warning
-    with model.hooks(fwd_hooks=[("unembed.hook_out", lambda logits, hook: 30 * torch.tanh(logits / 30) + 1)]):
+        with model.hooks(fwd_hooks=[("unembed.hook_out", lambda logits, hook: logits + 1)]):
+            lens.logit_lens(model, batch, positions="image")
+    with model.hooks(fwd_hooks=[("unembed.hook_out", lambda logits, hook: 3 * logits)]):  # a logit temperature
         with pytest.warns(fast_path.FastPathWarning, match="logit lens fast path disagrees"):
             lens.logit_lens(model, batch, positions="image")
