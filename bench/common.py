@@ -18,7 +18,7 @@ import transformers
 from PIL import Image
 
 from mm_lens import HookedMLLM
-from mm_lens.tiny.llava import build_tiny_llava
+from mm_lens.model.tiny.llava import build_tiny_llava
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()

@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from common import batches, bench_line, build_model, samples, time_rivals
-from mm_lens.lens import logit_lens
+from mm_lens.analysis.lens import logit_lens
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="smaller model and fewer repeats")

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from common import batches, bench_line, build_model, samples, time_rivals
-from mm_lens.modality_neurons import MinerScoreCollector
+from mm_lens.neurons.modality_neurons import MinerScoreCollector
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="smaller model and fewer repeats")

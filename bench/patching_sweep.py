@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from common import QUESTION, bench_line, build_model
-from mm_lens.patching import patch_sweep
+from mm_lens.analysis.patching import patch_sweep
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="smaller model (under a minute)")

@@ -15,8 +15,8 @@ import argparse
 import torch
 
 from common import batches, bench_line, build_model, peak_rss_mb, samples, time_rivals
-from mm_lens.collect import collect_neuron_stats
-from mm_lens.statistics import NeuronStatsCollector
+from mm_lens.neurons.collection import collect_neuron_stats
+from mm_lens.neurons.statistics import NeuronStatsCollector
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="smaller model and fewer repeats (< 1 minute)")

@@ -31,14 +31,14 @@ def _quiet_transformers() -> None:
 def _load(model: str, data: Optional[Path], split: Optional[str], limit: Optional[int]):
     """The model and the samples (at most ``limit`` per domain)."""
     from mm_lens import HookedMLLM
-    from mm_lens.data import load_default_samples, load_samples
-    from mm_lens.pipelines import _first_per_domain
+    from mm_lens.base.data import load_default_samples, load_samples
+    from mm_lens.model.samples import first_per_domain
 
     _quiet_transformers()
     hooked = HookedMLLM.from_pretrained(model)
     samples = load_default_samples(split or "test") if data is None else load_samples(data, split)
     if limit is not None:
-        samples = _first_per_domain(samples, limit)
+        samples = first_per_domain(samples, limit)
     typer.echo(f"{hooked!r}; {len(samples)} samples")
     return hooked, samples
 
@@ -85,7 +85,7 @@ def miner(
 ) -> None:
     """Modality-specific neurons (MINER), each domain as a dataset: scores -> selection ->
     deactivation vs random -> convergence -> report."""
-    from mm_lens.collect import sample_column
+    from mm_lens.model.samples import sample_column
     from mm_lens.pipelines import run_miner
 
     hooked, samples = _load(model, data, split, limit)
@@ -187,7 +187,7 @@ def build_tiny(
     arch: str = typer.Option("llava_next", help="one of the tiny builders: llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, instructblip, qwen2_audio, gemma3, idefics3"),
 ) -> None:
     """Write a tiny random-initialised model (weights, tokenizer, processor) to a folder."""
-    from mm_lens.tiny import TINY_BUILDERS
+    from mm_lens.model.tiny import TINY_BUILDERS
 
     if arch not in TINY_BUILDERS:
         raise typer.BadParameter(f"unknown arch {arch!r}; choose one of {', '.join(TINY_BUILDERS)}")

@@ -12,20 +12,21 @@ from typing import Any, Mapping, Sequence
 import torch
 from PIL import Image
 
-from mm_lens.collect import Sample, chat_prompt, collect_neuron_stats, sample_column
-from mm_lens.domain_neurons import select_domain_neurons
-from mm_lens.report import HTMLReport
-from mm_lens.statistics import NeuronStats
-from mm_lens.visualize import heatmap_for
-from mm_lens.convergence import ConvergenceResult, analyze_convergence
-from mm_lens.inputs import answer_token_ids
-from mm_lens.lens import LensSummary, logit_lens_summary
-from mm_lens.modality import MODALITIES
-from mm_lens.evaluation import CrossDomainResult, evaluate_cross_domain
-from mm_lens.modality_neurons import MinerScores, collect_miner_scores, select_modality_neurons
-from mm_lens.neurons import NeuronSet
-from mm_lens.patching import PatchingResult, patch_sweep
-from mm_lens.specificity import DEFAULT_METRIC_WEIGHTS
+from mm_lens.model.samples import Sample, chat_prompt, first_per_domain, sample_column, with_images
+from mm_lens.neurons.collection import collect_neuron_stats
+from mm_lens.neurons.domain_neurons import select_domain_neurons
+from mm_lens.presentation.report import HTMLReport
+from mm_lens.neurons.statistics import NeuronStats
+from mm_lens.presentation.visualize import heatmap_for
+from mm_lens.analysis.convergence import ConvergenceResult, analyze_convergence
+from mm_lens.model.inputs import answer_token_ids
+from mm_lens.analysis.lens import LensSummary, logit_lens_summary
+from mm_lens.base.modality import MODALITIES
+from mm_lens.analysis.evaluation import CrossDomainResult, evaluate_cross_domain
+from mm_lens.neurons.modality_neurons import MinerScores, collect_miner_scores, select_modality_neurons
+from mm_lens.neurons.neuron_set import NeuronSet
+from mm_lens.analysis.patching import PatchingResult, patch_sweep
+from mm_lens.neurons.miner import DEFAULT_METRIC_WEIGHTS
 
 
 @dataclass
@@ -49,24 +50,8 @@ class MinerRun:
     out: Path
 
 
-def _with_images(samples: Sequence[Sample]) -> list[Sample]:
-    """The samples that have an image."""
-    return [samples[i] for i, image in enumerate(sample_column(samples, "image")) if image is not None]
-
-
 def _save_figure(figure: Any, path: Path) -> None:
     figure.savefig(path, dpi=120, bbox_inches="tight")
-
-
-def _first_per_domain(samples: Sequence[Sample], n: int) -> list[Sample]:
-    """The first ``n`` samples of each domain, in order."""
-    taken: dict[str, int] = {}
-    chosen = []
-    for i, domain in enumerate(sample_column(samples, "domain")):
-        if taken.get(domain, 0) < n:
-            taken[domain] = taken.get(domain, 0) + 1
-            chosen.append(samples[i])
-    return chosen
 
 
 def run_domain_neurons(
@@ -90,11 +75,11 @@ def run_domain_neurons(
     samples of each domain. Writes tables, tensors, plots and ``report.html``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with_images = _with_images(samples)
-    if not with_images:
+    image_samples = with_images(samples)
+    if not image_samples:
         raise ValueError("no sample has an image; domain-specific neurons are found on image samples")
     stats = collect_neuron_stats(
-        model, with_images, batch_size=batch_size, checkpoint=out / "stats.checkpoint.safetensors", progress=progress
+        model, image_samples, batch_size=batch_size, checkpoint=out / "stats.checkpoint.safetensors", progress=progress
     )
     stats.save(out / "stats.safetensors")
     neurons = select_domain_neurons(stats, top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio)
@@ -105,7 +90,7 @@ def run_domain_neurons(
     _save_figure(overlap_figure, out / "neurons_overlap.png")
 
     evaluation = evaluate_cross_domain(
-        model, _first_per_domain(with_images, evaluation_samples), neurons, seeds=seeds, mode=mode,
+        model, first_per_domain(image_samples, evaluation_samples), neurons, seeds=seeds, mode=mode,
         batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
     )
     evaluation.save(out / "evaluation")
@@ -115,7 +100,7 @@ def run_domain_neurons(
     _save_figure(logprob_figure, out / "evaluation_logprob.png")
 
     report = HTMLReport("Domain-specific neurons (MMNeuron)")
-    report.add_text(f"Model: {getattr(model.cfg, 'model_name', '?')}; {len(with_images)} image samples; domains: {', '.join(stats.domains)}.")
+    report.add_text(f"Model: {getattr(model.cfg, 'model_name', '?')}; {len(image_samples)} image samples; domains: {', '.join(stats.domains)}.")
     report.add_heading("Neurons per domain, module and layer")
     report.add_preformatted(neurons.table())
     report.add_figure(layers_figure, "Domain-specific neurons over layers, per module")
@@ -321,10 +306,10 @@ def run_logit_lens(
     domain, most frequent top-1 tokens, three stages; tables, plot and ``report.html``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with_images = _with_images(samples)
-    if not with_images:
+    image_samples = with_images(samples)
+    if not image_samples:
         raise ValueError("no sample has an image; the logit lens on image tokens needs some")
-    summary = logit_lens_summary(model, with_images, positions=positions, batch_size=batch_size, progress=progress)
+    summary = logit_lens_summary(model, image_samples, positions=positions, batch_size=batch_size, progress=progress)
     summary.save(out / "lens.safetensors")
     text = summary.table() + "\n\n"
     if len(summary.layers) >= 3:
@@ -336,7 +321,7 @@ def run_logit_lens(
     figure = summary.plot()
     _save_figure(figure, out / "logit_lens.png")
     report = HTMLReport("Logit lens on image tokens")
-    report.add_text(f"{len(with_images)} samples; positions: {positions}; final norm and unembedding applied to each layer's residual.")
+    report.add_text(f"{len(image_samples)} samples; positions: {positions}; final norm and unembedding applied to each layer's residual.")
     report.add_preformatted(text)
     report.add_figure(figure, "Entropy of the lens distribution per layer (± std over positions), stage boundaries dashed")
     report.save(out / "report.html")

@@ -2,7 +2,7 @@
 
 A small ``LlavaForConditionalGeneration`` (CLIP-style vision tower on 32x32 images with
 8-pixel patches, two-layer GELU projector, Llama-style LM) learns the synthetic five-domain
-image QA of ``mm_lens.data`` plus text-only facts, on the CPU. The script writes:
+image QA of ``mm_lens.base.data`` plus text-only facts, on the CPU. The script writes:
 
 - ``mm_lens/assets/default_model/``: weights (safetensors), config, tokenizer, processor,
   and ``training_report.json`` (settings, loss curve, time, per-domain accuracy vs chance);
@@ -29,10 +29,10 @@ import transformers
 from transformers import LlavaProcessor
 
 from mm_lens import HookedMLLM
-from mm_lens.data import FEATURES, chance_accuracy, generate_samples, vocabulary
-from mm_lens.evaluation import score_answers
-from mm_lens.inputs import format_prompt
-from mm_lens.tiny.llava import llava_model_and_processor
+from mm_lens.base.data import FEATURES, chance_accuracy, generate_samples, vocabulary
+from mm_lens.analysis.evaluation import score_answers
+from mm_lens.model.inputs import format_prompt
+from mm_lens.model.tiny.llava import llava_model_and_processor
 
 ASSETS = Path(__file__).resolve().parents[1] / "mm_lens" / "assets"
 IMAGE_SIZE, PATCH = 32, 8

@@ -15,7 +15,7 @@ from transformers import AutoModelForImageTextToText
 
 from helpers import random_image
 from mm_lens import HookedMLLM
-from mm_lens.tiny import TINY_BUILDERS
+from mm_lens.model.tiny import TINY_BUILDERS
 
 ARCHS = ("llava", "llava_next")
 

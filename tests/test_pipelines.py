@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import make_samples
-from mm_lens.neurons import NeuronSet
+from mm_lens.neurons.neuron_set import NeuronSet
 from mm_lens.pipelines import run_miner
 
 
@@ -28,7 +28,7 @@ def test_run_miner_writes_tables_and_plots(model, tmp_path):
 def test_run_domain_neurons_writes_tables_plots_and_report(model, tmp_path):
     from helpers import make_samples
     from mm_lens.pipelines import run_domain_neurons
-    from mm_lens.report import remote_references
+    from mm_lens.presentation.report import remote_references
 
     run = run_domain_neurons(model, make_samples(12), tmp_path, top_rate=0.05, seeds=(0,), evaluation_samples=2,
                              max_new_tokens=2, progress=False)
@@ -44,7 +44,7 @@ def test_run_domain_neurons_writes_tables_plots_and_report(model, tmp_path):
 def test_run_patching_picks_a_counterfactual_pair_and_draws_it(model, tmp_path):
     from helpers import random_image
     from mm_lens.pipelines import counterfactual_pair, folder_report, run_patching
-    from mm_lens.report import remote_references
+    from mm_lens.presentation.report import remote_references
 
     samples = [
         {"question": "what is the color", "answer": "red", "domain": "plain", "image": random_image(28, 28, 1)},

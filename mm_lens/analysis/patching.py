@@ -1,0 +1,419 @@
+"""Activation patching across images: which layers, positions and image patches carry the
+difference between a clean and a corrupted picture.
+
+The two batches must differ only in their images: same prompts, same token ids (so the same
+number of image tokens at the same positions). A sweep replaces, at one layer and one unit
+(a position, an image grid cell, or all chosen positions at once), the target run's
+activation with the source run's, and records a metric at the last position. Effects are
+normalised so that 0 = corrupted and 1 = clean. Several patches run in one forward, as a
+batch of copies of the target run resumed at the patched layer.
+
+TransformerLens' own ``transformer_lens.patching`` calls ``model.run_with_hooks(tokens)``
+with tokens only; ``with_inputs(model, batch)`` gives it a model that adds the batch's
+images (see docs/patching.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import Cache
+
+from mm_lens.base.fast_path import agreeing
+from mm_lens.model.inputs import MultimodalBatch
+from mm_lens.base.io import load_tensors, save_tensors
+from mm_lens.base.modality import ModalityMap, position_mask
+
+HOOKS = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "mlp_act": "blocks.{layer}.mlp.hook_act",
+}
+METRICS = ("logit_diff", "prob", "kl")
+
+
+def check_counterfactual(clean: MultimodalBatch, corrupted: MultimodalBatch) -> None:
+    """Raise ``ValueError`` unless the batches differ only in their images."""
+    a, b = clean["input_ids"], corrupted["input_ids"]
+    if a.shape != b.shape:
+        raise ValueError(
+            f"clean input_ids have shape {tuple(a.shape)} and corrupted {tuple(b.shape)}; patching across "
+            "images needs the same prompts and the same number of image tokens (same image sizes for anyres)"
+        )
+    if not torch.equal(a, b):
+        row, pos = (int(i) for i in torch.nonzero(a != b)[0])
+        raise ValueError(
+            f"clean and corrupted token ids differ (first at row {row}, position {pos}); "
+            "use the same prompts so that only the images differ"
+        )
+    if not torch.equal(clean.get("attention_mask", torch.ones_like(a)), corrupted.get("attention_mask", torch.ones_like(b))):
+        raise ValueError("clean and corrupted attention masks differ; build both batches with the same padding side")
+
+
+@dataclass
+class Unit:
+    """What one patch replaces: these positions (the same in every row)."""
+
+    positions: Int[Tensor, "n"]
+    label: str
+    cell: tuple[int, int, int, int] | None = None  # (image, view, row, col) for grid cells
+
+
+def _units(mm: ModalityMap, positions: str | Sequence[str] | Tensor, per: str, cell_size: int) -> list[Unit]:
+    """The patch units of a batch whose rows all place the chosen positions alike."""
+    chosen = position_mask(mm, positions)
+    if not (chosen == chosen[0]).all():
+        raise ValueError(
+            "the chosen positions differ between rows; patch one row at a time or use prompts "
+            "that place them alike (same template, same image sizes)"
+        )
+    where = torch.nonzero(chosen[0]).flatten()
+    if where.numel() == 0:
+        raise ValueError(f"no position of the batch is {positions!r}")
+    if per == "all":
+        return [Unit(where, f"{positions} (all {where.numel()})")]
+    if per == "position":
+        return [Unit(p[None], f"pos {int(p)}") for p in where]
+    if per != "cell":
+        raise ValueError(f"per must be 'position', 'cell' or 'all', not {per!r}")
+    groups: dict[tuple[int, int, int, int], list[int]] = {}
+    for p in where.tolist():
+        image, tile = int(mm.image[0, p]), int(mm.tile[0, p])
+        row, col = int(mm.row[0, p]), int(mm.col[0, p])
+        if image < 0 or row < 0 or col < 0:
+            continue  # not a grid cell: text, CLS or newline
+        key = (image, 0 if tile == 0 else 1, row // cell_size, col // cell_size)
+        groups.setdefault(key, []).append(p)
+    if not groups:
+        raise ValueError("per='cell' needs image positions among the chosen ones")
+    return [
+        Unit(torch.tensor(ps), f"image {k[0]} view {k[1]} cell ({k[2]},{k[3]})", k) for k, ps in sorted(groups.items())
+    ]
+
+
+def _tile(inputs: dict[str, Tensor], copies: int) -> dict[str, Tensor]:
+    """The batch repeated ``copies`` times along its leading axis (images included)."""
+    return {k: torch.cat([v] * copies) for k, v in inputs.items()}
+
+
+_CACHE_KEYWORDS = frozenset({"past_key_values", "past_key_value", "cache", "layer_past", "use_cache", "cache_position"})
+
+
+def block_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed block needs of the keyword inputs it received: everything but the KV
+    cache, under whichever name (``past_key_values`` up to transformers 5.23, ``cache``
+    since) or type it came, and the flags that go with it."""
+    return {k: v for k, v in kwargs.items() if k not in _CACHE_KEYWORDS and not isinstance(v, Cache)}
+
+
+class _ResumableRun:
+    """One run of a batch that can be resumed at any LM layer: the residual entering each
+    block and the keyword inputs each block receives (mask, rotary embeddings, positions;
+    they may differ between layers, e.g. Gemma 3's sliding-window and global layers) are
+    recorded once; ``logits_from(layer, copies)`` reruns blocks ``layer..`` on ``copies``
+    stacked copies, then the final norm and unembedding, with the model's hooks active."""
+
+    def __init__(self, model: Any, batch: MultimodalBatch):
+        self.bridge = model.bridge
+        blocks = self.bridge.blocks
+        self.rows = batch["input_ids"].shape[0]
+        self.inputs: list[Tensor] = [None] * len(blocks)  # type: ignore[list-item]
+        self.kwargs: list[dict[str, Any]] = [{} for _ in blocks]
+
+        def record(layer: int):
+            def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+                self.inputs[layer] = args[0].detach()
+                self.kwargs[layer] = block_kwargs(kwargs)
+            return pre_hook
+
+        handles = [block.register_forward_pre_hook(record(l), with_kwargs=True) for l, block in enumerate(blocks)]
+        try:
+            with torch.no_grad():
+                self.logits = model(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _stack(self, value: Any, copies: int) -> Any:
+        """Copies along the batch axis; tensors broadcast over the batch (leading 1) stay."""
+        if isinstance(value, Tensor):
+            return torch.cat([value] * copies) if value.shape[0] == self.rows else value
+        if isinstance(value, tuple):
+            return tuple(self._stack(v, copies) for v in value)
+        return value
+
+    def logits_from(self, layer: int, copies: int, at: Tensor | None = None) -> Float[Tensor, "batch pos vocab"]:
+        """Logits of the copies, at every position or, with ``at`` ([rows] positions), only
+        there (``[batch, 1, vocab]``: the unembedding is most of a resumed run's cost)."""
+        hidden = self._stack(self.inputs[layer], copies)
+        stacked: dict[int, Any] = {}  # layers mostly share their inputs' objects: stack each once
+        for block, kwargs in zip(self.bridge.blocks[layer:], self.kwargs[layer:]):
+            for value in kwargs.values():
+                if id(value) not in stacked:
+                    stacked[id(value)] = self._stack(value, copies)
+            out = block(hidden, **{k: stacked[id(v)] for k, v in kwargs.items()})
+            hidden = out[0] if isinstance(out, tuple) else out
+        if at is not None:
+            hidden = hidden[torch.arange(hidden.shape[0]), at.repeat(copies)][:, None]
+        return self.bridge.unembed(self.bridge.ln_final(hidden))
+
+
+@dataclass
+class PatchingResult:
+    """``effect[layer, unit]``: normalised metric (0 = corrupted, 1 = clean) with the source
+    activation patched into the target run; ``metric`` the raw values."""
+
+    effect: Float[Tensor, "layer unit"]
+    metric: Float[Tensor, "layer unit"]
+    clean_metric: float
+    corrupted_metric: float
+    layers: list[int]
+    units: list[Unit]
+    hook: str
+    metric_name: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_grid(self, layer: int, image: int = 0, view: int = 0, grid_shape: tuple[int, int] | None = None) -> Float[Tensor, "rows cols"]:
+        """Effects of the grid-cell units of one image and view at ``layer`` (NaN elsewhere)."""
+        cells = [(i, u.cell) for i, u in enumerate(self.units) if u.cell is not None and u.cell[:2] == (image, view)]
+        if not cells:
+            raise ValueError(f"no grid-cell unit for image {image}, view {view}; run the sweep with per='cell'")
+        rows = grid_shape[0] if grid_shape else max(c[2] for _, c in cells) + 1
+        cols = grid_shape[1] if grid_shape else max(c[3] for _, c in cells) + 1
+        grid = torch.full((rows, cols), torch.nan)
+        li = self.layers.index(layer)
+        for i, cell in cells:
+            grid[cell[2], cell[3]] = self.effect[li, i]
+        return grid
+
+    def position_values(self, layer: int, shape: tuple[int, int]) -> Float[Tensor, "batch pos"]:
+        """Each unit's effect at ``layer`` written at its positions (NaN elsewhere), e.g. for
+        ``ModalityMap.to_grid`` or ``visualize.heatmap_for``."""
+        values = torch.full(shape, torch.nan)
+        li = self.layers.index(layer)
+        for i, unit in enumerate(self.units):
+            values[:, unit.positions] = self.effect[li, i]
+        return values
+
+    def plot(self, ax=None):
+        """Heatmap of the normalised effect, layer x unit."""
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(max(6, 0.25 * len(self.units) + 2), 0.35 * len(self.layers) + 2)) if ax is None else ax.figure
+        ax = ax or figure.subplots()
+        image = ax.imshow(self.effect.numpy(), aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
+        ax.set_yticks(range(len(self.layers)), [str(l) for l in self.layers])
+        if len(self.units) <= 40:
+            ax.set_xticks(range(len(self.units)), [u.label for u in self.units], rotation=90, fontsize=7)
+        ax.set_ylabel("layer")
+        ax.set_title(f"patching {self.hook}: {self.metric_name} (0 = corrupted, 1 = clean)")
+        figure.colorbar(image, ax=ax)
+        return figure
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """``folder/patching.safetensors``: effects, metrics, units and settings."""
+        tensors = {"effect": self.effect, "metric": self.metric} | {f"unit{i}": u.positions for i, u in enumerate(self.units)}
+        header = {
+            "clean_metric": self.clean_metric, "corrupted_metric": self.corrupted_metric, "layers": self.layers,
+            "units": [{"label": u.label, "cell": u.cell} for u in self.units], "hook": self.hook,
+            "metric_name": self.metric_name, "metadata": self.metadata,
+        }
+        save_tensors(Path(folder) / "patching.safetensors", tensors, header)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "PatchingResult":
+        tensors, header = load_tensors(Path(folder) / "patching.safetensors")
+        units = [
+            Unit(tensors[f"unit{i}"], u["label"], None if u["cell"] is None else tuple(u["cell"]))
+            for i, u in enumerate(header["units"])
+        ]
+        return cls(tensors["effect"], tensors["metric"], header["clean_metric"], header["corrupted_metric"],
+                   header["layers"], units, header["hook"], header["metric_name"], header["metadata"])
+
+
+def _metric_fn(name: str | Callable, clean_logits: Tensor, corrupted_logits: Tensor, last: Tensor,
+               answer: Tensor | None, wrong: Tensor | None, relative: bool = False) -> Callable[[Tensor], Tensor]:
+    """``logits [batch, pos, vocab] -> [batch]`` for a named metric at the last positions
+    (``relative``: the logits passed in hold only the last positions, ``[batch, 1, vocab]``)."""
+    if callable(name):
+        return name
+    rows = torch.arange(len(last))
+    clean_last, corrupted_last = clean_logits[rows, last].float(), corrupted_logits[rows, last].float()
+    last = torch.zeros_like(last) if relative else last
+    answer = clean_last.argmax(-1) if answer is None else answer
+    if wrong is None:
+        ranked = corrupted_last.topk(2, dim=-1).indices
+        wrong = torch.where(ranked[:, 0] == answer, ranked[:, 1], ranked[:, 0])
+    if name == "logit_diff":
+        return lambda logits: logits[rows, last, answer].float() - logits[rows, last, wrong].float()
+    if name == "prob":
+        return lambda logits: logits[rows, last].float().softmax(-1)[rows, answer]
+    if name == "kl":
+        reference = clean_last.log_softmax(-1)
+        # negative KL(clean || patched): rises to 0 as the patched run recovers the clean one
+        return lambda logits: -(reference.exp() * (reference - logits[rows, last].float().log_softmax(-1))).sum(-1)
+    raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)} or pass a callable")
+
+
+def patch_sweep(
+    model: Any,
+    clean: MultimodalBatch,
+    corrupted: MultimodalBatch,
+    *,
+    hook: str = "resid_pre",
+    layers: Sequence[int] | None = None,
+    positions: str | Sequence[str] | Tensor = "image",
+    per: str = "position",
+    cell_size: int = 1,
+    metric: str | Callable[[Tensor], Tensor] = "logit_diff",
+    answer_tokens: Tensor | None = None,
+    wrong_tokens: Tensor | None = None,
+    source: str = "clean",
+    target: str = "corrupted",
+    patches_per_forward: int = 8,
+    fast: bool = True,
+    progress: bool = True,
+) -> PatchingResult:
+    """Patch ``hook`` (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``,
+    ``mlp_out``, ``mlp_act``) at each layer and unit from the ``source`` run into the
+    ``target`` run.
+
+    ``positions``: ``"image"``, ``"text"``, ``"last"``, ``"all"``, names of modalities or a
+    bool mask. ``per``: one unit per ``position``, per image grid ``cell`` (``cell_size`` x
+    ``cell_size`` patches), or ``all`` chosen positions at once. ``metric`` at the last
+    position: ``logit_diff`` (answer minus wrong token; by default the clean run's top token
+    and the corrupted run's best other token), ``prob`` (of the answer), ``kl`` (negative
+    KL from the clean distribution), or a callable ``logits -> [batch]``; averaged over rows.
+
+    ``fast`` (default): each patched forward starts at the patched layer from the target
+    run's cached residual instead of recomputing the vision tower and the layers below;
+    ``fast=False`` runs every patch as a full forward, as TransformerLens does (same results).
+    """
+    check_counterfactual(clean, corrupted)
+    if hook not in HOOKS:
+        raise ValueError(f"unknown hook {hook!r}; choose one of {', '.join(HOOKS)}")
+    runs = {"clean": clean, "corrupted": corrupted}
+    if source not in runs or target not in runs:
+        raise ValueError("source and target must each be 'clean' or 'corrupted'")
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    bad = [l for l in layers if not 0 <= l < model.cfg.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range; the model has {model.cfg.n_layers}")
+    mm = clean.modality_map
+    units = _units(mm, positions, per, cell_size)
+    names = [HOOKS[hook].format(layer=l) for l in layers]
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
+        corrupted_logits, corrupted_cache = model.run_with_cache(corrupted, names_filter=names)
+    caches = {"clean": clean_cache, "corrupted": corrupted_cache}
+    measure = _metric_fn(metric, clean_logits, corrupted_logits, mm.last, answer_tokens, wrong_tokens)
+    # named metrics read only the last positions: the fast path unembeds just those
+    at_last = fast and not callable(metric)
+    measure_last = _metric_fn(metric, clean_logits, corrupted_logits, mm.last, answer_tokens, wrong_tokens, relative=True) if at_last else measure
+    clean_value, corrupted_value = float(measure(clean_logits).mean()), float(measure(corrupted_logits).mean())
+    denominator = clean_value - corrupted_value
+    if abs(denominator) < 1e-12:
+        raise ValueError(f"the {metric} metric is the same on the clean and corrupted runs; nothing to recover")
+
+    rows = mm.shape[0]
+    resume = _ResumableRun(model, runs[target]) if fast else None
+    raw = torch.zeros(len(layers), len(units))
+    chunks = [units[i : i + patches_per_forward] for i in range(0, len(units), patches_per_forward)]
+    bar = tqdm(total=len(layers) * len(chunks), desc=f"patching {hook}", disable=not progress, unit="forward")
+    for li, name in enumerate(names):
+        source_act = caches[source][name]
+        for ci, chunk in enumerate(chunks):
+            copies = len(chunk)
+
+            def patch(act: Tensor, hook: Any, chunk=chunk) -> Tensor:
+                act = act.clone()
+                for k, unit in enumerate(chunk):
+                    act[k * rows : (k + 1) * rows, unit.positions] = source_act[:, unit.positions]
+                return act
+
+            def plain(patch=patch) -> Tensor:
+                return model.run_with_hooks(fwd_hooks=[(name, patch)], **_tile(runs[target].inputs, copies))
+
+            def fast(patch=patch, layer=layers[li]) -> Tensor:
+                with model.hooks(fwd_hooks=[(name, patch)]):
+                    return resume.logits_from(layer, copies, at=mm.last if at_last else None)
+
+            with torch.no_grad():
+                if resume is None:
+                    logits = plain()
+                elif li == 0 and ci == 0:  # the first forward checks the fast path against the plain one
+                    logits = plain()
+                    last = mm.last.repeat(copies)
+                    expected = logits[torch.arange(len(last)), last]
+                    view = (lambda fast_logits: fast_logits[:, 0]) if at_last else (lambda fast_logits: fast_logits[torch.arange(len(last)), last])
+                    checked_logits = agreeing("patching resume", fast, expected, view)
+                    if checked_logits is None:
+                        resume = None
+                    else:
+                        logits = checked_logits
+                else:
+                    logits = fast()
+            scorer = measure_last if resume is not None else measure
+            # a metric may return [rows] or one number: either way one value per patch
+            per_copy = torch.stack([torch.as_tensor(scorer(logits[k * rows : (k + 1) * rows])).float().mean() for k in range(copies)])
+            start = ci * patches_per_forward
+            raw[li, start : start + copies] = per_copy.cpu()
+            bar.update(1)
+    bar.close()
+    return PatchingResult(
+        effect=(raw - corrupted_value) / denominator,
+        metric=raw,
+        clean_metric=clean_value,
+        corrupted_metric=corrupted_value,
+        layers=layers,
+        units=units,
+        hook=hook,
+        metric_name=metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"),
+        metadata={"positions": positions if not isinstance(positions, Tensor) else "mask", "per": per,
+                  "cell_size": cell_size, "source": source, "target": target},
+    )
+
+
+class FixedInputs:
+    """A view of a HookedMLLM for ``transformer_lens.patching``: its ``run_with_hooks`` and
+    ``run_with_cache`` take token ids only and add the batch's images and attention mask.
+
+    The token ids passed in must be the batch's own (TL passes the corrupted tokens back).
+    """
+
+    def __init__(self, model: Any, batch: MultimodalBatch):
+        self.model, self.batch = model, batch
+        self.cfg = model.cfg
+        self.training = False
+
+    def _inputs(self, tokens: Tensor) -> dict[str, Tensor]:
+        if not torch.equal(tokens.to(self.batch["input_ids"].device), self.batch["input_ids"]):
+            raise ValueError("these token ids are not the batch's; build FixedInputs with the batch you patch into")
+        return dict(self.batch.inputs)
+
+    def run_with_hooks(self, tokens: Tensor, fwd_hooks=(), **kwargs: Any) -> Any:
+        return self.model.run_with_hooks(fwd_hooks=fwd_hooks, **self._inputs(tokens), **kwargs)
+
+    def run_with_cache(self, tokens: Tensor, **kwargs: Any) -> Any:
+        return self.model.run_with_cache(**self._inputs(tokens), **kwargs)
+
+    def __call__(self, tokens: Tensor, **kwargs: Any) -> Any:
+        return self.model(**self._inputs(tokens), **kwargs)
+
+    def eval(self) -> "FixedInputs":
+        return self
+
+
+def with_inputs(model: Any, batch: MultimodalBatch) -> FixedInputs:
+    """``model`` with ``batch``'s images bound, for ``transformer_lens.patching`` functions."""
+    return FixedInputs(model, batch)

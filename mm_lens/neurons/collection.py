@@ -1,0 +1,85 @@
+"""Drive the statistics collector over a dataset: batching, progress, checkpoints, and
+data-parallel shards with ``torch.distributed``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from mm_lens.model.samples import Sample, prompt_batch, sample_column
+from mm_lens.neurons.statistics import NeuronStats, NeuronStatsCollector
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def collect_neuron_stats(
+    model: Any,
+    samples: Sequence[Sample],
+    *,
+    domains: Sequence[str] | None = None,
+    modules: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+    batch_size: int = 8,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 20,
+    progress: bool = True,
+) -> NeuronStats:
+    """Statistics of every neuron module over ``samples``, grouped by ``sample["domain"]``.
+
+    Under ``torch.distributed`` each rank takes every ``world``-th sample and the result is
+    all-reduced, so every rank returns the statistics of the whole dataset. With
+    ``checkpoint`` (a file; one per rank, suffixed ``.rank{r}`` when distributed) the state
+    is saved atomically every ``checkpoint_every`` batches and a rerun resumes from it,
+    giving the same statistics as an uninterrupted run.
+    """
+    if batch_size < 1 or checkpoint_every < 1:
+        raise ValueError("batch_size and checkpoint_every must be >= 1")
+    labels = sample_column(samples, "domain")
+    domains = tuple(sorted(set(labels))) if domains is None else tuple(domains)
+    rank, world = _rank_and_world()
+    shard = list(range(rank, len(labels), world))
+    batches = [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
+
+    collector = NeuronStatsCollector(model, domains, modules, classes)
+    settings = {
+        "n_samples": len(labels), "batch_size": batch_size, "domains": list(domains),
+        "modules": list(collector.hooks), "classes": list(collector.stats.classes), "rank": rank, "world_size": world,
+    }
+    done = 0
+    path = None if checkpoint is None else Path(f"{checkpoint}.rank{rank}" if world > 1 else checkpoint)
+    if path is not None and path.exists():
+        saved = NeuronStats.load(path)
+        if saved.metadata.get("settings") != settings:
+            raise ValueError(
+                f"checkpoint {path} was made with other settings ({saved.metadata.get('settings')}); "
+                f"this run has {settings}. Delete it or choose another checkpoint path"
+            )
+        collector.stats, done = saved, saved.metadata["batches_done"]
+
+    bar = tqdm(total=len(batches), initial=done, desc="neuron statistics", disable=not progress or rank != 0, unit="batch")
+    for number, indices in enumerate(batches[done:], start=done + 1):
+        chunk = [samples[i] for i in indices]
+        batch = prompt_batch(model, chunk)
+        collector.update(batch, [s["domain"] for s in chunk])
+        bar.update(1)
+        if path is not None and (number % checkpoint_every == 0 or number == len(batches)):
+            collector.stats.metadata = {"settings": settings, "batches_done": number}
+            collector.stats.save(path)
+    bar.close()
+
+    stats = collector.stats
+    if world > 1:
+        stats.all_reduce()
+    stats.metadata = {
+        "settings": {**settings, "rank": 0, "world_size": world},
+        "model": getattr(model.cfg, "model_name", None),
+        "batches_done": len(batches),
+    }
+    return stats

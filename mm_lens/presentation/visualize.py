@@ -1,0 +1,528 @@
+"""Views of a multimodal batch: circuitsvis components that render offline, and per-patch
+heatmaps drawn over the input picture.
+
+**Offline circuitsvis.** ``circuitsvis.utils.render`` returns both a CDN version (an ES-module
+``import`` from unpkg) and a local one, and picks between them by pinging google.com. We skip
+that: a ``CircuitsView`` holds the React component's name and its props, and writes HTML that
+inlines circuitsvis' own bundle (``circuitsvis/dist/cdn/iife.js``, which defines the global
+``CircuitsVis``) in a classic ``<script>``, then calls ``CircuitsVis.render(id, component, props)``.
+Nothing is fetched; ``HTMLReport`` includes the bundle once for all its views.
+
+**Patch geometry** (where a grid of ``ModalityMap.to_grid`` lies on the original picture), as
+the model's image processor maps pixels:
+
+- LLaVA-1.5 (``CLIPImageProcessor``; ``LlavaImageProcessor`` with ``do_pad`` first pads to a
+  square): resize (shortest edge), then center crop to ``crop_size``. The grid covers the
+  crop, i.e. a centred box of the original picture (the sides of a wide picture are unseen).
+- LLaVA-NeXT view 0 (base): the picture is squashed to ``size`` x ``size`` (no crop, no pad,
+  aspect ratio lost), then resized/cropped like a tile. The grid covers the whole picture.
+  LLaVA-OneVision's images that share their prompt keep only this view, padded (centred) to
+  a square first: the grid then reaches past the picture's shorter sides.
+- LLaVA-NeXT view 1 (anyres): the picture is resized into the best pinpoint resolution keeping
+  its aspect ratio, padded (centred) to it, and cut into tiles of ``crop_size``; the model then
+  drops the feature rows (or columns) that fall in the padding ("unpad"). The kept grid covers
+  the whole picture up to a fraction of a cell: its extent is computed exactly and may reach a
+  little past the picture's border. Tiles are assumed to be the vision tower's input size (as
+  in every released LLaVA-NeXT), so no further resize happens inside a tile.
+
+Architectures whose processor resizes the whole picture to the grid (no crop, no pad;
+``ArchitectureSpec.image_geometry == "whole"``) get the whole picture as extent; those whose
+items have no grid (``None``) get a clear error.
+
+Extents are matplotlib's ``(left, right, bottom, top)`` in original pixel coordinates
+(``x`` right, ``y`` down; pixel ``(x, y)`` spans ``[x, x+1)``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from PIL import Image
+from torch import Tensor
+
+from mm_lens.model.architectures.llava import anyres_grid
+from mm_lens.base.modality import ModalityMap
+
+Extent = tuple[float, float, float, float]
+
+# ---------------------------------------------------------------------------------------
+# circuitsvis, offline
+# ---------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def circuitsvis_bundle() -> str:
+    """circuitsvis' browser bundle, safe to inline in a ``<script>`` (defines ``CircuitsVis``)."""
+    import circuitsvis
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    if not path.exists():
+        raise FileNotFoundError(f"circuitsvis' bundle is missing at {path}; reinstall circuitsvis (pip install circuitsvis)")
+    source = path.read_text(encoding="utf-8")
+    source = "\n".join(line for line in source.splitlines() if not line.startswith("//# sourceMappingURL="))
+    return source.replace("</script", "<\\/script")
+
+
+def bundle_script() -> str:
+    """The ``<script>`` element that loads circuitsvis from the inlined bundle."""
+    return f"<script>\n{circuitsvis_bundle()}\n</script>"
+
+
+def _js_value(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _props_json(props: Mapping[str, Any]) -> str:
+    """Props as a JS literal that cannot close the surrounding ``<script>``."""
+    text = json.dumps({k: _js_value(v) for k, v in props.items() if v is not None})
+    return text.replace("</", "<\\/").replace("<!--", "<\\!--")
+
+
+@dataclass
+class CircuitsView:
+    """A circuitsvis component and its props (tensors stored as lists), rendered without
+    network access.
+
+    ``to_html()`` is a self-contained fragment (bundle inlined); ``body_html()`` assumes the
+    page already loaded the bundle (``bundle_script()``), as ``HTMLReport`` does.
+    """
+
+    component: str
+    props: dict[str, Any]
+    title: str | None = None
+    height: str | None = None
+    _id: str = field(default_factory=lambda: "mm-lens-cv-" + uuid.uuid4().hex[:12], repr=False)
+
+    def __post_init__(self) -> None:
+        self.props = {k: _js_value(v) for k, v in self.props.items()}  # plain lists, JSON-ready
+
+    def body_html(self) -> str:
+        heading = f"<h4>{html.escape(self.title)}</h4>\n" if self.title else ""
+        style = "margin: 15px 0;" + (f" min-height: {self.height};" if self.height else "")
+        return (
+            f'{heading}<div id="{self._id}" style="{style}"></div>\n'
+            f"<script>CircuitsVis.render({json.dumps(self._id)}, CircuitsVis.{self.component}, "
+            f"{_props_json(self.props)});</script>"
+        )
+
+    def to_html(self) -> str:
+        """Self-contained HTML fragment: the bundle inlined, then this view."""
+        return f"{bundle_script()}\n{self.body_html()}"
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def save(self, path: str | Path) -> Path:
+        """Write a standalone HTML page holding this view."""
+        path = Path(path)
+        title = html.escape(self.title or self.component)
+        path.write_text(
+            f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>\n'
+            f"<body>\n{self.to_html()}\n</body></html>\n",
+            encoding="utf-8",
+        )
+        return path
+
+
+# ---------------------------------------------------------------------------------------
+# Token labels
+# ---------------------------------------------------------------------------------------
+
+
+def _modality_map(model: Any, batch: Any) -> ModalityMap:
+    mm = getattr(batch, "modality_map", None)
+    return mm if mm is not None else model.modality_map(batch)
+
+
+def _input_ids(batch: Any) -> Tensor:
+    return batch["input_ids"] if not isinstance(batch, Tensor) else batch
+
+
+def _kept_positions(batch: Any, mm: ModalityMap, row: int) -> Tensor:
+    """Positions of batch row ``row`` that are not padding."""
+    if not 0 <= row < mm.shape[0]:
+        raise IndexError(f"row {row} out of range: the batch has {mm.shape[0]} rows")
+    return torch.nonzero(~mm.mask("padding")[row]).flatten()
+
+
+def image_token_label(mm: ModalityMap, row: int, pos: int) -> str | None:
+    """Compact label of an image position (``<img 0:r2c5>`` base view, ``<img 0:hi r2c5>``
+    high-resolution view, ``<img 0:nl>`` newline, ``<img 0:cls>``), or None for other tokens."""
+    image = int(mm.image[row, pos])
+    if image < 0:
+        return None
+    if bool(mm.newline[row, pos]):
+        return f"<img {image}:nl>"
+    r, c, tile = int(mm.row[row, pos]), int(mm.col[row, pos]), int(mm.tile[row, pos])
+    if r < 0 or c < 0:
+        return f"<img {image}:cls>"
+    return f"<img {image}:{'hi ' if tile >= 1 else ''}r{r}c{c}>"
+
+
+def token_labels(model: Any, batch: Any, row: int = 0) -> list[str]:
+    """String tokens of the non-padding positions of ``row``; image tokens by their patch."""
+    mm = _modality_map(model, batch)
+    positions = _kept_positions(batch, mm, row)
+    ids = _input_ids(batch)[row, positions].tolist()
+    tokens = model.processor.tokenizer.convert_ids_to_tokens(ids)
+    labels = []
+    for pos, token in zip(positions.tolist(), tokens):
+        labels.append(image_token_label(mm, row, pos) or str(token))
+    return labels
+
+
+# ---------------------------------------------------------------------------------------
+# circuitsvis views of a model on a batch
+# ---------------------------------------------------------------------------------------
+
+
+def attention_view(
+    model: Any,
+    batch: Any,
+    layer: int,
+    row: int = 0,
+    heads: Sequence[int] | None = None,
+    *,
+    pattern: Float[Tensor, "batch head q k"] | None = None,
+) -> CircuitsView:
+    """Attention patterns of ``layer`` (all heads, or ``heads``) on one batch row, padding
+    removed; image tokens labelled by patch. ``pattern`` skips the forward pass."""
+    mm = _modality_map(model, batch)
+    if pattern is None:
+        name = f"blocks.{layer}.attn.hook_pattern"
+        _, cache = model.run_with_cache(batch, names_filter=name)
+        pattern = cache[name]
+    positions = _kept_positions(batch, mm, row).to(pattern.device)
+    heads = list(range(pattern.shape[1])) if heads is None else list(heads)
+    attention = pattern[row][heads][:, positions][:, :, positions].float()
+    return CircuitsView(
+        "AttentionHeads",
+        {
+            "attention": attention,
+            "tokens": token_labels(model, batch, row),
+            "attentionHeadNames": [f"L{layer}H{h}" for h in heads],
+            "maskUpperTri": True,
+        },
+        title=f"Attention, layer {layer}, row {row}",
+    )
+
+
+def token_logprobs_view(
+    model: Any,
+    batch: Any,
+    row: int = 0,
+    top_k: int = 10,
+    *,
+    logits: Float[Tensor, "batch pos vocab"] | None = None,
+) -> CircuitsView:
+    """Each token coloured by the log-prob the model gave it; hover shows the top-k guesses."""
+    mm = _modality_map(model, batch)
+    if logits is None:
+        logits = model(batch)
+    positions = _kept_positions(batch, mm, row).to(logits.device)
+    log_probs = logits[row, positions].float().log_softmax(-1)[:-1]
+    ids = _input_ids(batch)[row, positions.cpu()].to(logits.device)
+    top_values, top_indices = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
+    correct = log_probs.gather(-1, ids[1:, None]).squeeze(-1)
+    rank = (log_probs > correct[:, None]).sum(-1)
+    to_str = model.processor.tokenizer.convert_ids_to_tokens
+    return CircuitsView(
+        "TokenLogProbs",
+        {
+            "prompt": token_labels(model, batch, row),
+            "topKLogProbs": top_values,
+            "topKTokens": [to_str(r) for r in top_indices.tolist()],
+            "correctTokenRank": rank,
+            "correctTokenLogProb": correct,
+        },
+        title=f"Token log-probs, row {row}",
+    )
+
+
+def values_view(
+    model: Any, batch: Any, values: Float[Tensor, "batch pos"], row: int = 0, title: str | None = None
+) -> CircuitsView:
+    """Tokens of one row coloured by any per-position quantity (e.g. logit-lens entropy)."""
+    mm = _modality_map(model, batch)
+    positions = _kept_positions(batch, mm, row)
+    return CircuitsView(
+        "ColoredTokens",
+        {"tokens": token_labels(model, batch, row), "values": values[row, positions.to(values.device)].float()},
+        title=title,
+    )
+
+
+def top_k_view(
+    model: Any,
+    batch: Any,
+    hooks: str | Sequence[str],
+    *,
+    neurons: Sequence[int] | None = None,
+    k: int = 10,
+    rows: Sequence[int] | None = None,
+    cache: Mapping[str, Tensor] | None = None,
+) -> CircuitsView:
+    """Tables of the top-k and bottom-k tokens of every neuron (channel) of ``hooks``
+    (``[batch, pos, neuron]`` activations, one hook per layer), per batch row."""
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    if cache is None:
+        _, cache = model.run_with_cache(batch, names_filter=lambda name: name in hooks)
+    missing = [h for h in hooks if h not in cache]
+    if missing:
+        raise KeyError(f"no activations for {missing}; pass hook names of [batch, pos, neuron] activations")
+    mm = _modality_map(model, batch)
+    rows = list(range(mm.shape[0])) if rows is None else list(rows)
+    stacked = torch.stack([cache[h].float().cpu() for h in hooks])  # layer batch pos neuron
+    if stacked.ndim != 4:
+        raise ValueError(f"hooks must hold [batch, pos, neuron] activations; got shape {tuple(stacked.shape[1:])}")
+    if neurons is not None:
+        stacked = stacked[..., list(neurons)]
+    tokens, tops, top_idx, bottoms, bottom_idx = [], [], [], [], []
+    for row in rows:
+        positions = _kept_positions(batch, mm, row)
+        acts = stacked[:, row][:, positions]  # layer token neuron
+        kk = min(k, acts.shape[1])
+        values, indices = acts.topk(kk, dim=1)
+        low_values, low_indices = acts.topk(kk, dim=1, largest=False)
+        tokens.append(token_labels(model, batch, row))
+        tops.append(values.tolist())
+        top_idx.append(indices.tolist())
+        bottoms.append(low_values.flip(1).tolist())
+        bottom_idx.append(low_indices.flip(1).tolist())
+    return CircuitsView(
+        "TopkTokens",
+        {
+            "tokens": tokens,
+            "topkVals": tops,
+            "topkIdxs": top_idx,
+            "bottomkVals": bottoms,
+            "bottomkIdxs": bottom_idx,
+            "firstDimensionName": "Layer",
+            "thirdDimensionName": "Neuron",
+            "sampleLabels": [f"row {r}" for r in rows],
+            "firstDimensionLabels": hooks,
+        },
+        title="Top-k tokens per neuron",
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Patch geometry: which original pixels a view's grid covers
+# ---------------------------------------------------------------------------------------
+
+
+def _size_field(size: Any, key: str) -> Any:
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+
+
+def _resized(height: int, width: int, size: Any) -> tuple[int, int]:
+    """Output (height, width) of the image processor's ``resize`` for ``size``."""
+    from transformers.image_transforms import get_size_with_aspect_ratio
+
+    shortest, longest = _size_field(size, "shortest_edge"), _size_field(size, "longest_edge")
+    if shortest and longest:
+        return tuple(get_size_with_aspect_ratio((height, width), shortest, longest))  # type: ignore[return-value]
+    if shortest:
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = shortest, int(shortest * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+    h, w = _size_field(size, "height"), _size_field(size, "width")
+    if h and w:
+        return int(h), int(w)
+    raise ValueError(f"cannot tell the resized size from the image processor's size {size!r}")
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """Affine map from original pixels to a canvas (``canvas = scale * original + shift``)."""
+
+    height: float
+    width: float
+    sy: float = 1.0
+    sx: float = 1.0
+    oy: float = 0.0
+    ox: float = 0.0
+
+    def resize(self, height: int, width: int) -> _Frame:
+        ry, rx = height / self.height, width / self.width
+        return _Frame(height, width, self.sy * ry, self.sx * rx, self.oy * ry, self.ox * rx)
+
+    def move(self, dy: float, dx: float, height: int, width: int) -> _Frame:
+        """Place the canvas at offset (dy, dx) on a new canvas (padding > 0, cropping < 0)."""
+        return _Frame(height, width, self.sy, self.sx, self.oy + dy, self.ox + dx)
+
+    def center_crop(self, height: int, width: int) -> _Frame:
+        def offset(old: float, new: int) -> int:  # as HF's center_crop (pads when too small)
+            return -((int(old) - new) // 2) if old >= new else math.ceil((new - old) / 2)
+
+        return self.move(offset(self.height, height), offset(self.width, width), height, width)
+
+    def resize_and_crop(self, processor: Any) -> _Frame:
+        frame = self
+        if getattr(processor, "do_resize", True):
+            frame = frame.resize(*_resized(int(frame.height), int(frame.width), processor.size))
+        crop = getattr(processor, "crop_size", None)
+        if getattr(processor, "do_center_crop", False) and crop is not None:
+            frame = frame.center_crop(int(_size_field(crop, "height")), int(_size_field(crop, "width")))
+        return frame
+
+    def extent(self, top: float, left: float, bottom: float, right: float) -> Extent:
+        """A canvas box as an extent in original pixels."""
+        return (
+            (left - self.ox) / self.sx,
+            (right - self.ox) / self.sx,
+            (bottom - self.oy) / self.sy,
+            (top - self.oy) / self.sy,
+        )
+
+
+def _patch_output_size(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:
+    """Size of an image fitted into ``target`` keeping its aspect ratio (HF's get_patch_output_size)."""
+    target_h, target_w = target
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
+
+
+def view_extent(model: Any, image_size: tuple[int, int], view: int = 0, padded_square: bool = False) -> Extent:
+    """Where a view's grid lies on the original picture of ``image_size`` = (height, width):
+    ``(left, right, bottom, top)`` in original pixels (see the module docstring).
+    ``padded_square``: the anyres base view of a LLaVA-OneVision image sharing its prompt,
+    which the processor pads to a square instead of squashing."""
+    geometry = model.spec.image_geometry
+    height, width = image_size
+    if geometry is None:
+        raise ValueError(f"{model.spec.hf_class} images have no patch grid (e.g. Q-Former queries); no heatmap over the picture")
+    if geometry == "whole":
+        return (0.0, float(width), float(height), 0.0)
+    processor = model.processor.image_processor
+    frame = _Frame(height, width)
+    pinpoints = getattr(processor, "image_grid_pinpoints", None)
+    if not pinpoints:  # LLaVA-1.5: optional pad to square, resize, center crop
+        if view != 0:
+            raise ValueError(f"{type(processor).__name__} gives one view per image; view {view} does not exist")
+        if getattr(processor, "do_pad", False) and height != width:
+            side = max(height, width)
+            frame = frame.move((side - height) // 2, (side - width) // 2, side, side)
+        frame = frame.resize_and_crop(processor)
+        return frame.extent(0, 0, frame.height, frame.width)
+    if view == 0:  # LLaVA-NeXT base view: squash (or pad) to a square, then as a tile
+        if padded_square and height != width:
+            side = max(height, width)
+            frame = frame.move((side - height) // 2, (side - width) // 2, side, side)
+        size = processor.size
+        square = _size_field(size, "shortest_edge")
+        base = (square, square) if square else (_size_field(size, "height"), _size_field(size, "width"))
+        frame = frame.resize(*base).resize_and_crop(processor)
+        return frame.extent(0, 0, frame.height, frame.width)
+    if view != 1:
+        raise ValueError(f"anyres images have views 0 (base) and 1 (high resolution); view {view} does not exist")
+    # the kept (unpadded) part of the tiled grid; a downsized grid (LLaVA-OneVision) is a
+    # resize of that same part, so it covers the same box
+    grid = anyres_grid(model.hf_model.config, image_size)
+    tile_px = model.hf_model.config.vision_config.image_size
+    best_h, best_w = grid.tiles_h * tile_px, grid.tiles_w * tile_px
+    new_h, new_w = _patch_output_size(height, width, (best_h, best_w))
+    frame = frame.resize(new_h, new_w).move((best_h - new_h) // 2, (best_w - new_w) // 2, best_h, best_w)
+    cell = tile_px / grid.side
+    return frame.extent(grid.top * cell, grid.left * cell, (grid.top + grid.rows) * cell, (grid.left + grid.cols) * cell)
+
+
+def cell_extent(extent: Extent, grid_shape: tuple[int, int], row: int, col: int) -> Extent:
+    """The extent of one grid cell, in the same coordinates as ``extent``."""
+    left, right, bottom, top = extent
+    rows, cols = grid_shape
+    dx, dy = (right - left) / cols, (bottom - top) / rows
+    return (left + col * dx, left + (col + 1) * dx, top + (row + 1) * dy, top + row * dy)
+
+
+# ---------------------------------------------------------------------------------------
+# Heatmaps over the picture
+# ---------------------------------------------------------------------------------------
+
+
+def patch_heatmap(
+    image: Image.Image,
+    grid: Float[Tensor, "rows cols"],
+    *,
+    extent: Extent | None = None,
+    ax: Any = None,
+    alpha: float = 0.5,
+    cmap: str = "viridis",
+    title: str | None = None,
+    colorbar: bool = True,
+) -> Any:
+    """Draw a per-patch grid over ``image`` (NaN cells transparent); returns the Figure.
+
+    ``extent`` = (left, right, bottom, top) in the picture's pixels; by default the grid is
+    stretched over the whole picture. Use ``heatmap_for`` to place a model's grid correctly.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    width, height = image.size
+    if extent is None:
+        extent = (0.0, float(width), float(height), 0.0)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 5 * height / max(width, 1) + 0.3))
+    else:
+        fig = ax.figure
+    ax.imshow(np.asarray(image.convert("RGB")), extent=(0, width, height, 0), interpolation="nearest")
+    values = np.ma.masked_invalid(torch.as_tensor(grid).detach().float().cpu().numpy())
+    shown = ax.imshow(values, extent=extent, alpha=alpha, cmap=cmap, interpolation="nearest")
+    left, right, bottom, top = extent
+    ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, edgecolor="white", linestyle="--"))
+    ax.set_xlim(min(0, left), max(width, right))
+    ax.set_ylim(max(height, bottom), min(0, top))
+    if title:
+        ax.set_title(title)
+    if colorbar:
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    return fig
+
+
+def heatmap_for(
+    model: Any,
+    batch: Any,
+    values: Float[Tensor, "batch pos"],
+    image_index: int,
+    view: int = 0,
+    image: Image.Image | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Heatmap of per-position ``values`` for image ``image_index`` of the batch, its view's
+    grid placed where the processor took those patches from ``image`` (the original picture).
+    Extra keyword arguments go to ``patch_heatmap``."""
+    if image is None:
+        raise ValueError("pass the original picture as image= (the batch holds only processed pixels)")
+    mm = _modality_map(model, batch)
+    grid = mm.to_grid(values.detach().cpu(), image_index, view)
+    image_size = (image.size[1], image.size[0])
+    sizes = batch.get("image_sizes") if isinstance(batch, Mapping) else None
+    if sizes is not None and tuple(int(s) for s in sizes[image_index]) != image_size:
+        raise ValueError(
+            f"image {image_index} of the batch was {tuple(int(s) for s in sizes[image_index])} (height, width) "
+            f"but the picture given is {image_size}; pass the picture the batch was built from"
+        )
+    padded_square = len(mm.grids[image_index]) == 1 and bool(getattr(model.processor.image_processor, "image_grid_pinpoints", None))
+    extent = view_extent(model, image_size, view, padded_square=padded_square)
+    kwargs.setdefault("title", f"image {image_index}, view {view}")
+    return patch_heatmap(image, grid, extent=extent, **kwargs)

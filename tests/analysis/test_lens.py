@@ -1,0 +1,406 @@
+"""Logit lens: the chunked core against a direct full-vocabulary computation, the model edge
+against the model's own log-probabilities, the dataset summary, and the stage rule."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+
+from helpers import make_samples, random_image
+from mm_lens import HookedMLLM
+from mm_lens.analysis.lens import (
+    LensSummary,
+    final_norm_and_unembed,
+    lens_logits,
+    lens_logits_stats,
+    logit_lens,
+    logit_lens_summary,
+    normalize_component,
+    three_stages,
+)
+
+
+# ---- pure core ------------------------------------------------------------------------
+def _problem(n=37, d=16, vocab=1000, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    resid = torch.randn(n, d, generator=g, dtype=dtype) * 3
+    W_U = torch.randn(d, vocab, generator=g, dtype=dtype)
+    b_U = torch.randn(vocab, generator=g, dtype=dtype)
+    weight = torch.rand(d, generator=g, dtype=dtype) + 0.5
+    targets = torch.randint(0, vocab, (n, 4), generator=g)
+
+    def norm(x):
+        return weight * x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+
+    return resid, norm, W_U, b_U, targets
+
+
+def _direct(resid, norm, W_U, b_U, targets, k):
+    logits = norm(resid) @ W_U + b_U
+    logprobs = logits.log_softmax(-1)
+    top = logprobs.topk(k)
+    target_logits = logits.gather(1, targets)
+    return {
+        "entropy": -(logprobs.exp() * logprobs).sum(-1),
+        "top_ids": top.indices,
+        "top_probs": top.values.exp(),
+        "target_logprobs": logprobs.gather(1, targets),
+        "target_ranks": (logits[:, None, :] > target_logits[:, :, None]).sum(-1),
+    }
+
+
+@pytest.mark.parametrize("position_chunk, vocab_chunk", [(1, 1), (3, 7), (5, 77), (37, 1000), (8, 999), (256, 32768), (36, 333)])
+def test_chunked_stats_equal_the_full_vocabulary_computation(position_chunk, vocab_chunk):
+    resid, norm, W_U, b_U, targets = _problem()
+    stats = lens_logits_stats(resid, norm, W_U, b_U, k=7, targets=targets, position_chunk=position_chunk, vocab_chunk=vocab_chunk)
+    expected = _direct(resid, norm, W_U, b_U, targets, k=7)
+    torch.testing.assert_close(stats.entropy, expected["entropy"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats.top_probs, expected["top_probs"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats.target_logprobs, expected["target_logprobs"], atol=1e-6, rtol=0)
+    assert torch.equal(stats.top_ids, expected["top_ids"])
+    assert torch.equal(stats.target_ranks, expected["target_ranks"])
+
+
+def test_chunked_stats_in_float32_match_float64_within_rounding():
+    resid, norm, W_U, b_U, targets = _problem(vocab=5000)
+    exact = _direct(resid, norm, W_U, b_U, targets, k=5)
+    stats = lens_logits_stats(resid.float(), lambda x: norm(x.double()).float(), W_U.float(), b_U.float(), k=5, targets=targets, position_chunk=6, vocab_chunk=1234)
+    assert stats.entropy.dtype == torch.float32
+    torch.testing.assert_close(stats.entropy.double(), exact["entropy"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats.top_probs.double(), exact["top_probs"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats.target_logprobs.double(), exact["target_logprobs"], atol=1e-4, rtol=0)
+
+
+def test_bfloat16_weights_are_read_as_the_model_reads_them():
+    resid, norm, W_U, b_U, targets = _problem(vocab=3000)
+    resid, W_U, b_U = resid.bfloat16(), W_U.bfloat16(), b_U.bfloat16()
+
+    def bf16_norm(x):
+        return norm(x.double()).bfloat16()
+
+    stats = lens_logits_stats(resid, bf16_norm, W_U, b_U, k=5, targets=targets, vocab_chunk=1000, position_chunk=8)
+    logits = torch.nn.functional.linear(bf16_norm(resid), W_U.T, b_U).float()  # what a bfloat16 lm_head returns
+    logprobs = logits.log_softmax(-1)
+    assert stats.entropy.dtype == torch.float32
+    torch.testing.assert_close(stats.entropy, -(logprobs.exp() * logprobs).sum(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(stats.target_logprobs, logprobs.gather(1, targets), atol=1e-4, rtol=0)
+    assert torch.equal(stats.target_ranks, (logits[:, None, :] > logits.gather(1, targets)[:, :, None]).sum(-1))
+    torch.testing.assert_close(stats.top_probs, logprobs.topk(5).values.exp(), atol=1e-5, rtol=0)  # ties make ids ambiguous
+
+
+def test_rank_counts_the_tokens_with_a_strictly_larger_logit():
+    resid, norm, W_U, b_U, _ = _problem(n=6, vocab=50)
+    logits = lens_logits(resid, norm, W_U, b_U)
+    order = logits.argsort(-1, descending=True)
+    targets = order[:, [0, 1, 10, 49]]  # the top token, the second, the eleventh, the last
+    stats = lens_logits_stats(resid, norm, W_U, b_U, k=3, targets=targets, vocab_chunk=7)
+    assert stats.target_ranks.tolist() == [[0, 1, 10, 49]] * 6
+    assert torch.equal(stats.top_ids[:, 0], targets[:, 0])
+
+
+def test_uniform_logits_have_entropy_log_vocab():
+    stats = lens_logits_stats(torch.randn(4, 8), None, torch.zeros(8, 300), k=2, vocab_chunk=64)
+    torch.testing.assert_close(stats.entropy, torch.full((4,), torch.log(torch.tensor(300.0)).item()))
+    torch.testing.assert_close(stats.top_probs, torch.full((4, 2), 1 / 300))
+
+
+def test_final_norm_sees_at_most_position_chunk_rows():
+    resid, norm, W_U, b_U, _ = _problem(n=37)
+    seen = []
+    lens_logits_stats(resid, lambda x: seen.append(x.shape[0]) or norm(x), W_U, b_U, position_chunk=10)
+    assert seen == [10, 10, 10, 7]
+
+
+@pytest.mark.parametrize("k", [0, -1, 1001, 2.5, True])
+def test_core_rejects_bad_k(k):
+    resid, norm, W_U, b_U, _ = _problem()
+    with pytest.raises(ValueError, match="k must be an integer"):
+        lens_logits_stats(resid, norm, W_U, b_U, k=k)
+
+
+def test_core_rejects_bad_shapes_and_targets():
+    resid, norm, W_U, _, targets = _problem()
+    with pytest.raises(ValueError, match="resid must be"):
+        lens_logits_stats(resid[None], norm, W_U)
+    with pytest.raises(ValueError, match="W_U must be"):
+        lens_logits_stats(resid, norm, W_U.T)
+    with pytest.raises(ValueError, match="target ids must lie"):
+        lens_logits_stats(resid, norm, W_U, targets=targets + 1000)
+    with pytest.raises(ValueError, match="targets must be integer"):
+        lens_logits_stats(resid, norm, W_U, targets=targets[:3])
+    with pytest.raises(ValueError, match="chunks must be"):
+        lens_logits_stats(resid, norm, W_U, vocab_chunk=0)
+
+
+# ---- stage rule -----------------------------------------------------------------------
+def _plateau_fall_tail(n_layers, b1, b2, high=9.0, low=2.0, noise=0.0, seed=0):
+    """High plateau on [0, b1), a linear fall on [b1, b2) (from the plateau's last layer to
+    the tail's first), a low tail on [b2, n)."""
+    layers = torch.arange(n_layers, dtype=torch.float64)
+    fall = high - (high - low) * (layers - b1 + 1) / (b2 - b1 + 1)
+    curve = torch.where(layers < b1, high, torch.where(layers < b2, fall, low))
+    return curve + noise * torch.randn(n_layers, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n_layers, b1, b2", [(32, 8, 20), (32, 4, 12), (24, 10, 14), (40, 15, 30), (12, 3, 9)])
+def test_three_stages_recovers_planted_breakpoints(n_layers, b1, b2):
+    assert three_stages(_plateau_fall_tail(n_layers, b1, b2)) == (b1, b2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_three_stages_recovers_planted_breakpoints_under_noise(seed):
+    found = three_stages(_plateau_fall_tail(32, 9, 21, noise=0.15, seed=seed))
+    assert abs(found[0] - 9) <= 1 and abs(found[1] - 21) <= 1
+
+
+def test_three_stages_recovers_planted_steps():
+    curve = torch.tensor([9.0] * 7 + [5.0] * 9 + [1.5] * 8)
+    assert three_stages(curve) == (7, 16)
+
+
+def test_three_stages_needs_three_layers_and_finite_values():
+    with pytest.raises(ValueError, match="impossible"):
+        three_stages(torch.tensor([3.0, 2.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        three_stages(torch.tensor([3.0, float("nan"), 1.0, 0.5]))
+
+
+def _synthetic_summary(curves: dict[str, torch.Tensor], n=10) -> LensSummary:
+    means = torch.stack(list(curves.values()))
+    n_layers = means.shape[1]
+    return LensSummary(
+        domains=list(curves), layers=list(range(n_layers)), hook="resid_post", k=1,
+        n_positions=torch.full((len(curves),), n), n_samples=torch.full((len(curves),), 2),
+        entropy_sum=means * n, entropy_sq_sum=(means**2 + 0.25) * n,
+        top_counts={d: [{5: n - 3, 7: 3} for _ in range(n_layers)] for d in curves},
+        token_strings={5: "car", 7: "road"},
+    )
+
+
+def test_summary_stages_split_each_domain_curve():
+    summary = _synthetic_summary({"driving": _plateau_fall_tail(20, 5, 12), "medical": _plateau_fall_tail(20, 8, 16)})
+    assert summary.stages() == {"driving": (5, 12), "medical": (8, 16)}
+    torch.testing.assert_close(summary.std(), torch.full((2, 20), 0.5, dtype=torch.float64))
+    assert summary.top_tokens("driving", 3, n=2) == [("car", 0.7), ("road", 0.3)]
+    assert "stages start at layers 0, 5, 12" in summary.table()
+    summary.plot()
+
+
+# ---- the model edge -------------------------------------------------------------------
+def _batch(model, n=4):
+    samples = make_samples(n)
+    return model.prepare_inputs([s["question"] for s in samples], [s["image"] for s in samples])
+
+
+@pytest.mark.parametrize("positions", ["image", "last", "all"])
+def test_lens_at_last_resid_post_equals_model_log_probs(model, positions):
+    batch = _batch(model)
+    vocab = model.cfg.d_vocab
+    targets = torch.tensor([3, 10, vocab - 1])
+    lens = logit_lens(model, batch, positions=positions, layers=[model.cfg.n_layers - 1], k=5, targets=targets, vocab_chunk=17, position_chunk=13)
+    logits = model(batch)[lens.rows, lens.positions]
+    logprobs = logits.log_softmax(-1)
+    top = logprobs.topk(5)
+    target_logits = logits[:, targets]
+    torch.testing.assert_close(lens.entropy[0], -(logprobs.exp() * logprobs).sum(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lens.top_probs[0], top.values.exp(), atol=1e-5, rtol=0)
+    assert torch.equal(lens.top_ids[0], top.indices)
+    torch.testing.assert_close(lens.target_logprobs[0], logprobs[:, targets], atol=1e-5, rtol=0)
+    assert torch.equal(lens.target_ranks[0], (logits[:, None, :] > target_logits[:, :, None]).sum(-1))
+
+
+def test_lens_in_compatibility_mode_equals_model_log_probs(model_folders):
+    model = HookedMLLM.from_pretrained(model_folders["llava"], compatibility_mode=True)
+    batch = _batch(model)
+    lens = logit_lens(model, batch, layers=[model.cfg.n_layers - 1], k=3)
+    logprobs = model(batch)[lens.rows, lens.positions].log_softmax(-1)
+    torch.testing.assert_close(lens.entropy[0], -(logprobs.exp() * logprobs).sum(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lens.top_probs[0], logprobs.topk(3).values.exp(), atol=1e-5, rtol=0)
+
+
+def test_lens_reads_image_positions_by_default_in_batch_order(model):
+    batch = _batch(model)
+    lens = logit_lens(model, batch, k=2)
+    rows, positions = torch.nonzero(batch.modality_map.mask("image"), as_tuple=True)
+    assert torch.equal(lens.rows, rows) and torch.equal(lens.positions, positions)
+    assert lens.layers == list(range(model.cfg.n_layers))
+    assert lens.entropy.shape == (model.cfg.n_layers, len(rows))
+    assert lens.top_ids.shape == lens.top_probs.shape == (model.cfg.n_layers, len(rows), 2)
+    assert lens.target_ranks is None
+
+
+def test_lens_of_each_layer_equals_the_core_on_cached_residuals(model):
+    batch = _batch(model)
+    kinds = ["resid_pre", "resid_mid", "resid_post"]
+    lens = logit_lens(model, batch, hooks=kinds, k=4, targets=[5, 6])
+    _, cache = model.run_with_cache(batch, names_filter=lambda n: any(n.endswith(f"hook_{kind}") for kind in kinds))
+    mask = batch.modality_map.mask("image")
+    norm, W_U, b_U = final_norm_and_unembed(model)
+    for kind in kinds:
+        for layer in lens.layers:
+            expected = lens_logits_stats(cache[f"blocks.{layer}.hook_{kind}"][mask], norm, W_U, b_U, k=4, targets=lens.targets)
+            torch.testing.assert_close(lens[kind].entropy[layer], expected.entropy, atol=1e-6, rtol=0)
+            assert torch.equal(lens[kind].top_ids[layer], expected.top_ids)
+            assert torch.equal(lens[kind].target_ranks[layer], expected.target_ranks)
+    # the residual leaving a layer is the one entering the next
+    torch.testing.assert_close(lens["resid_post"].entropy[0], lens["resid_pre"].entropy[1])
+
+
+def test_component_direct_logits_add_up_to_the_model_logits(model):
+    batch = _batch(model)
+    names = ["blocks.0.hook_resid_pre", "ln_final.hook_scale"] + [
+        f"blocks.{l}.hook_{kind}" for l in range(model.cfg.n_layers) for kind in ("attn_out", "mlp_out", "resid_mid", "resid_post")
+    ]
+    logits, cache = model.run_with_cache(batch, names_filter=names)
+    scale = cache["ln_final.hook_scale"]
+    _, W_U, _ = final_norm_and_unembed(model)
+    b_U = model.bridge.unembed.b_U  # zeros when lm_head has no bias
+
+    def direct(component):
+        return lens_logits(normalize_component(model, component, scale).flatten(0, 1), None, W_U)
+
+    parts = [direct(cache["blocks.0.hook_resid_pre"])]
+    parts += [direct(cache[f"blocks.{l}.hook_{kind}"]) for l in range(model.cfg.n_layers) for kind in ("attn_out", "mlp_out")]
+    torch.testing.assert_close(torch.stack(parts).sum(0) + b_U, logits.flatten(0, 1), atol=1e-4, rtol=0)
+    # per layer: resid_post = resid_mid + mlp_out, in the residual and in direct logits
+    for l in range(model.cfg.n_layers):
+        mid, mlp, post = (cache[f"blocks.{l}.hook_{kind}"] for kind in ("resid_mid", "mlp_out", "resid_post"))
+        torch.testing.assert_close(mid + mlp, post, atol=1e-5, rtol=0)
+        torch.testing.assert_close(direct(mid) + direct(mlp), direct(post), atol=1e-4, rtol=0)
+
+
+def test_component_lens_divides_by_the_final_residual_scale(model):
+    batch = _batch(model)
+    lens = logit_lens(model, batch, hooks=["attn_out", "mlp_out"], positions="all", k=3)
+    _, cache = model.run_with_cache(batch, names_filter=lambda n: n == "ln_final.hook_scale" or n.endswith(("hook_attn_out", "hook_mlp_out")))
+    mask = ~batch.modality_map.mask("padding")
+    scale = cache["ln_final.hook_scale"][mask]
+    _, W_U, _ = final_norm_and_unembed(model)
+    for kind in ("attn_out", "mlp_out"):
+        for layer in lens.layers:
+            logits = lens_logits(normalize_component(model, cache[f"blocks.{layer}.hook_{kind}"][mask], scale), None, W_U)
+            logprobs = logits.log_softmax(-1)
+            torch.testing.assert_close(lens[kind].entropy[layer], -(logprobs.exp() * logprobs).sum(-1), atol=1e-5, rtol=0)
+            assert torch.equal(lens[kind].top_ids[layer], logprobs.topk(3).indices)
+
+
+def test_top_tokens_decode_with_the_processor_tokenizer(model):
+    lens = logit_lens(model, _batch(model), positions="last", k=3)
+    decoded = lens.top_tokens(1)
+    tokenizer = model.processor.tokenizer
+    assert decoded == [[tokenizer.decode([i]) for i in row] for row in lens.top_ids[1].tolist()]
+    assert "most frequent top-1" in lens.table()
+
+
+def test_targets_given_as_words(model):
+    batch = _batch(model)
+    tokenizer = model.processor.tokenizer
+    by_word = logit_lens(model, batch, positions="last", targets=["car", "road"], k=2)
+    ids = torch.tensor([tokenizer.convert_tokens_to_ids("car"), tokenizer.convert_tokens_to_ids("road")])
+    by_id = logit_lens(model, batch, positions="last", targets=ids, k=2)
+    assert torch.equal(by_word.targets, by_id.targets)
+    torch.testing.assert_close(by_word.target_logprobs, by_id.target_logprobs)
+
+
+def test_lens_errors_say_what_to_do(model):
+    batch = _batch(model)
+    with pytest.raises(ValueError, match="hooks must be distinct kinds"):
+        logit_lens(model, batch, hooks="resid_final")
+    with pytest.raises(ValueError, match="unknown positions"):
+        logit_lens(model, batch, positions="pixels")
+    with pytest.raises(ValueError, match="bool tensor"):
+        logit_lens(model, batch, positions=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="k must be an integer"):
+        logit_lens(model, batch, k=0)
+    with pytest.raises(ValueError, match="k must be an integer"):
+        logit_lens(model, batch, k=model.cfg.d_vocab + 1)
+    with pytest.raises(ValueError, match="layers must be"):
+        logit_lens(model, batch, layers=[model.cfg.n_layers])
+    with pytest.raises(ValueError, match="single tokens"):
+        logit_lens(model, batch, targets=["red car"])
+    with pytest.raises(ValueError, match="target ids must lie"):
+        logit_lens(model, batch, targets=[model.cfg.d_vocab])
+    with pytest.raises(ValueError, match="pick one with lens"):
+        _ = logit_lens(model, batch, hooks=["resid_pre", "resid_post"], k=1).entropy
+    text_only = model.prepare_inputs(["what is the color"], [None])
+    with pytest.raises(ValueError, match="no position of the batch matches positions='image'"):
+        logit_lens(model, text_only)
+
+
+# ---- dataset summary ------------------------------------------------------------------
+def test_summary_equals_direct_per_domain_aggregation(model):
+    samples = make_samples(9)
+    summary = logit_lens_summary(model, samples, batch_size=4, k=2, progress=False)
+    assert summary.domains == sorted({s["domain"] for s in samples})
+    entropies = {d: [] for d in summary.domains}
+    counts = {d: [Counter() for _ in summary.layers] for d in summary.domains}
+    for start in range(0, len(samples), 4):
+        chunk = samples[start : start + 4]
+        batch = model.prepare_inputs([s["question"] for s in chunk], [s["image"] for s in chunk])
+        lens = logit_lens(model, batch, k=2)
+        for column, row in enumerate(lens.rows.tolist()):
+            domain = chunk[row]["domain"]
+            entropies[domain].append(lens.entropy[:, column].double())
+            for layer in summary.layers:
+                counts[domain][layer].update(lens.top_ids[layer, column].tolist())
+    for i, d in enumerate(summary.domains):
+        values = torch.stack(entropies[d])  # [positions, layer]
+        assert int(summary.n_positions[i]) == values.shape[0]
+        torch.testing.assert_close(summary.mean()[i], values.mean(0), atol=1e-9, rtol=0)
+        torch.testing.assert_close(summary.std()[i], values.std(0, correction=0), atol=1e-6, rtol=0)
+        assert summary.top_counts[d] == [dict(c) for c in counts[d]]
+    assert summary.n_samples.tolist() == [sum(s["domain"] == d for s in samples) for d in summary.domains]
+
+
+def test_summary_means_match_samples_read_one_at_a_time(model):
+    samples = make_samples(6)
+    summary = logit_lens_summary(model, samples, batch_size=3, progress=False)
+    for i, d in enumerate(summary.domains):
+        alone = [
+            logit_lens(model, model.prepare_inputs([s["question"]], [s["image"]]), k=1).entropy
+            for s in samples if s["domain"] == d and s["image"] is not None
+        ]
+        torch.testing.assert_close(summary.mean()[i].float(), torch.cat(alone, dim=1).mean(1), atol=1e-4, rtol=0)
+
+
+def test_summary_saves_and_loads(model, tmp_path):
+    summary = logit_lens_summary(model, make_samples(6), batch_size=3, progress=False)
+    summary.save(tmp_path / "lens.safetensors")
+    loaded = LensSummary.load(tmp_path / "lens.safetensors")
+    for name in ("n_positions", "n_samples", "entropy_sum", "entropy_sq_sum"):
+        assert torch.equal(getattr(loaded, name), getattr(summary, name))
+    assert (loaded.domains, loaded.layers, loaded.hook, loaded.k) == (summary.domains, summary.layers, summary.hook, summary.k)
+    assert loaded.top_counts == summary.top_counts and loaded.token_strings == summary.token_strings
+    assert loaded.metadata == summary.metadata
+    assert "entropy mean ± std" in loaded.table()
+    loaded.plot()  # two layers: curves without stage lines
+
+
+def test_summary_rejects_bad_arguments(model):
+    with pytest.raises(ValueError, match="batch_size"):
+        logit_lens_summary(model, make_samples(3), batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="hook must be"):
+        logit_lens_summary(model, make_samples(3), hook="resid", progress=False)
+    with pytest.raises(ValueError, match="not in domains"):
+        logit_lens_summary(model, make_samples(3), domains=["noise"], progress=False)
+
+
+def test_lens_checks_its_unembedding_against_the_model(model, monkeypatch):
+    """A logit transform the lens does not know (as a new release might add) is reported;
+    a constant shift of the logits (compatibility mode centres the unembedding) is not."""
+    from mm_lens.analysis import lens
+    from mm_lens.base import fast_path
+
+    batch = model.prepare_inputs(["what is the color"], [random_image(30, 50, 0)])
+    monkeypatch.setattr(fast_path, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fast_path.FastPathWarning)
+        lens.logit_lens(model, batch, positions="image")  # the model's own unembedding: no warning
+        with model.hooks(fwd_hooks=[("unembed.hook_out", lambda logits, hook: logits + 1)]):
+            lens.logit_lens(model, batch, positions="image")
+    with model.hooks(fwd_hooks=[("unembed.hook_out", lambda logits, hook: 3 * logits)]):  # a logit temperature
+        with pytest.warns(fast_path.FastPathWarning, match="logit lens fast path disagrees"):
+            lens.logit_lens(model, batch, positions="image")

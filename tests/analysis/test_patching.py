@@ -1,0 +1,202 @@
+"""Activation patching across images: identities, exact restoration, grid cells, TL parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from transformer_lens import patching as tl_patching
+
+from mm_lens.analysis.patching import PatchingResult, patch_sweep, with_inputs
+
+
+@pytest.fixture(scope="module")
+def pairs(models, images):
+    out = {}
+    for arch, model in models.items():
+        prompts = ["what is the color", "how many are there"]
+        clean = model.prepare_inputs(prompts, [images[0], images[0]])
+        corrupted = model.prepare_inputs(prompts, [images[2].resize(images[0].size), images[2].resize(images[0].size)])
+        out[arch] = (clean, corrupted)
+    return out
+
+
+def test_clean_into_clean_is_one_and_corrupted_into_corrupted_is_zero(model, pairs, arch):
+    clean, corrupted = pairs[arch]
+    ones = patch_sweep(model, clean, corrupted, source="clean", target="clean", positions="text", progress=False)
+    zeros = patch_sweep(model, clean, corrupted, source="corrupted", target="corrupted", positions="text", progress=False)
+    assert torch.allclose(ones.effect, torch.ones_like(ones.effect), atol=1e-4)
+    assert torch.allclose(zeros.effect, torch.zeros_like(zeros.effect), atol=1e-4)
+
+
+def test_patching_every_position_at_layer_zero_restores_clean_logits(model, pairs, arch):
+    clean, corrupted = pairs[arch]
+    _, cache = model.run_with_cache(clean, names_filter="blocks.0.hook_resid_pre")
+    patched = model.run_with_hooks(corrupted, fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: cache["blocks.0.hook_resid_pre"])])
+    assert torch.equal(patched, model(clean))
+    naive = patch_sweep(model, clean, corrupted, layers=[0], positions="all", per="all", metric="kl", fast=False, progress=False)
+    assert naive.effect.shape == (1, 1)
+    assert abs(float(naive.effect[0, 0]) - 1.0) < 1e-5
+    # the fast path unembeds the last positions alone: the same up to matmul rounding
+    fast = patch_sweep(model, clean, corrupted, layers=[0], positions="all", per="all", metric="kl", progress=False)
+    assert abs(float(fast.effect[0, 0]) - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize("metric", ["logit_diff", "prob", "kl"])
+def test_metrics_are_normalised_between_corrupted_and_clean(model, pairs, arch, metric):
+    clean, corrupted = pairs[arch]
+    result = patch_sweep(model, clean, corrupted, layers=[0, 1], positions="last", metric=metric, progress=False)
+    assert result.effect.shape == (2, 1)
+    assert result.clean_metric != result.corrupted_metric
+    expected = (result.metric - result.corrupted_metric) / (result.clean_metric - result.corrupted_metric)
+    assert torch.allclose(result.effect, expected)
+
+
+def _one_distinct_patch(row: int, col: int, patch: int = 7, size: int = 28):
+    base = np.full((size, size, 3), 120, dtype=np.uint8)
+    clean = base.copy()
+    clean[row * patch : (row + 1) * patch, col * patch : (col + 1) * patch] = (255, 20, 20)
+    return Image.fromarray(clean), Image.fromarray(base)
+
+
+def test_grid_cell_of_largest_effect_is_the_distinct_patch(models):
+    model = models["llava"]
+    distinct, uniform = _one_distinct_patch(1, 2)
+    clean = model.prepare_inputs(["what is the color"], [distinct])
+    corrupted = model.prepare_inputs(["what is the color"], [uniform])
+    result = patch_sweep(model, clean, corrupted, layers=[0], per="cell", metric="kl", progress=False)
+    grid = result.to_grid(0, image=0, view=0)
+    assert grid.shape == (4, 4)
+    assert divmod(int(grid.abs().argmax()), 4) == (1, 2)
+    on_map = clean.modality_map.to_grid(result.position_values(0, clean.modality_map.shape), image=0)
+    assert torch.equal(on_map, grid)
+
+
+def test_cells_group_patches_by_cell_size(models, pairs):
+    model = models["llava"]
+    clean, corrupted = pairs["llava"]
+    result = patch_sweep(model, clean, corrupted, layers=[1], per="cell", cell_size=2, progress=False)
+    assert len(result.units) == 4 and all(len(u.positions) == 4 for u in result.units)
+    assert result.to_grid(1).shape == (2, 2)
+
+
+def test_transformer_lens_patching_through_with_inputs_equals_our_sweep(model, pairs, arch):
+    clean, corrupted = pairs[arch]
+    _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
+    ours = patch_sweep(model, clean, corrupted, positions="all", metric="logit_diff", progress=False)
+    clean_logits, corrupted_logits = model(clean), model(corrupted)
+    rows, last = torch.arange(2), clean.modality_map.last
+    answer = clean_logits[rows, last].argmax(-1)
+    ranked = corrupted_logits[rows, last].topk(2, -1).indices
+    wrong = torch.where(ranked[:, 0] == answer, ranked[:, 1], ranked[:, 0])
+
+    def metric(logits):
+        return (logits[rows, last, answer] - logits[rows, last, wrong]).mean()
+
+    theirs = tl_patching.get_act_patch_resid_pre(with_inputs(model, corrupted), corrupted["input_ids"], clean_cache, metric)
+    positions = ours.units
+    assert theirs.shape == (model.cfg.n_layers, clean["input_ids"].shape[1])
+    columns = torch.tensor([int(u.positions[0]) for u in positions])
+    assert torch.allclose(theirs[:, columns], ours.metric, atol=1e-4)
+
+
+def test_passing_the_model_itself_to_transformer_lens_is_a_clear_error(model, pairs, arch):
+    clean, corrupted = pairs[arch]
+    _, clean_cache = model.run_with_cache(clean, names_filter="blocks.0.hook_resid_pre")
+    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
+        tl_patching.get_act_patch_resid_pre(model, corrupted["input_ids"], clean_cache, lambda logits: logits.sum())
+
+
+def test_batches_that_differ_in_text_or_length_are_refused(model, images):
+    a = model.prepare_inputs(["what is the color"], [images[0]])
+    with pytest.raises(ValueError, match="token ids differ"):
+        patch_sweep(model, a, model.prepare_inputs(["how many are there"], [images[0]]), progress=False)
+    with pytest.raises(ValueError, match="have shape"):
+        patch_sweep(model, a, model.prepare_inputs(["what is the color of the shape"], [images[0]]), progress=False)
+    with pytest.raises(ValueError, match="unknown hook"):
+        patch_sweep(model, a, a, hook="embed", progress=False)
+    with pytest.raises(ValueError, match="same on the clean and corrupted"):
+        patch_sweep(model, a, a, progress=False)
+
+
+def test_result_saves_loads_and_plots(model, pairs, arch, tmp_path):
+    clean, corrupted = pairs[arch]
+    result = patch_sweep(model, clean, corrupted, layers=[0], positions="text", progress=False)
+    result.save(tmp_path)
+    loaded = PatchingResult.load(tmp_path)
+    assert torch.equal(loaded.effect, result.effect) and [u.label for u in loaded.units] == [u.label for u in result.units]
+    assert isinstance(result.plot(), Figure)
+
+
+@pytest.mark.parametrize("hook", ["resid_pre", "resid_post", "attn_out", "mlp_act"])
+def test_fast_path_equals_full_forward_per_patch(model, pairs, arch, hook):
+    clean, corrupted = pairs[arch]
+    fast = patch_sweep(model, clean, corrupted, hook=hook, positions="all", patches_per_forward=5, progress=False)
+    naive = patch_sweep(model, clean, corrupted, hook=hook, positions="all", patches_per_forward=1, fast=False, progress=False)
+    assert torch.allclose(fast.metric, naive.metric, atol=1e-4)
+    assert torch.allclose(fast.effect, naive.effect, atol=1e-4)
+
+
+def test_resumed_run_reproduces_the_model_logits(model, pairs, arch):
+    from mm_lens.analysis.patching import _ResumableRun
+
+    clean, _ = pairs[arch]
+    run = _ResumableRun(model, clean)
+    for layer in range(model.cfg.n_layers):
+        assert torch.allclose(run.logits_from(layer, 1), run.logits, atol=1e-5)
+        assert torch.allclose(run.logits_from(layer, 2)[2:], run.logits, atol=1e-5)
+
+
+def test_a_metric_returning_one_number_is_measured_per_patch(model, pairs, arch):
+    clean, corrupted = pairs[arch]
+    last = clean.modality_map.last
+
+    def scalar(logits):
+        return logits[torch.arange(len(last)), last].float().logsumexp(-1).mean()
+
+    together = patch_sweep(model, clean, corrupted, positions="text", metric=scalar, patches_per_forward=4, progress=False)
+    alone = patch_sweep(model, clean, corrupted, positions="text", metric=scalar, patches_per_forward=1, fast=False, progress=False)
+    assert torch.allclose(together.metric, alone.metric, atol=1e-4)
+
+
+def test_resumed_blocks_get_no_kv_cache_under_any_name():
+    from transformers import DynamicCache
+
+    from mm_lens.analysis.patching import block_kwargs
+
+    mask, cache = torch.ones(1, 3), DynamicCache()
+    kept = block_kwargs({"attention_mask": mask, "cache": cache, "past_key_values": cache, "use_cache": True,
+                         "cache_position": torch.arange(3), "renamed_cache": cache})
+    assert list(kept) == ["attention_mask"]
+
+
+@pytest.mark.parametrize("drift", ["unexpected_keyword", "kv_cache_re_fed"])
+def test_a_drifted_block_signature_falls_back_to_full_forwards_with_a_warning(model, pairs, arch, monkeypatch, drift):
+    """Simulates a transformers release that changes what blocks receive: the fast path's
+    first forward disagrees with the plain one, so the sweep warns and gives the plain numbers."""
+    from mm_lens.analysis import patching
+    from mm_lens.base import fast_path
+
+    clean, corrupted = pairs[arch]
+    expected = patch_sweep(model, clean, corrupted, layers=[0, 1], positions="text", fast=False, progress=False)
+    handles = []
+    if drift == "unexpected_keyword":  # blocks now refuse a keyword they are handed
+        monkeypatch.setattr(patching, "block_kwargs", lambda kwargs: {**kwargs, "not_a_block_argument": 1.0})
+        handles = [block.register_forward_pre_hook(_refuse_unknown_keyword, with_kwargs=True) for block in model.bridge.blocks]
+    else:  # the cache arrives under a name the filter does not know: re-fed, it doubles the keys
+        monkeypatch.setattr(patching, "block_kwargs", lambda kwargs: dict(kwargs))
+    monkeypatch.setattr(fast_path, "_warned", set())
+    try:
+        with pytest.warns(fast_path.FastPathWarning, match="patching resume fast path disagrees"):
+            result = patch_sweep(model, clean, corrupted, layers=[0, 1], positions="text", progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(result.metric, expected.metric, atol=1e-5)
+
+
+def _refuse_unknown_keyword(module, args, kwargs):
+    if "not_a_block_argument" in kwargs:
+        raise TypeError("forward() got an unexpected keyword argument 'not_a_block_argument'")

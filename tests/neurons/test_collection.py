@@ -1,0 +1,86 @@
+"""Collection over a dataset: checkpoints resume bit-identically; data-parallel runs equal
+the single-process one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from helpers import make_samples
+from mm_lens import HookedMLLM
+from mm_lens.neurons.collection import collect_neuron_stats
+from mm_lens.neurons.statistics import NeuronStats
+
+
+def _worker(rank: int, world: int, folder: str, out: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = HookedMLLM.from_pretrained(folder)
+        stats = collect_neuron_stats(model, make_samples(), batch_size=2, progress=False)
+        stats.save(f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_collection_equals_single_process(model_folders, tmp_path):
+    out = str(tmp_path / "stats")
+    mp.spawn(_worker, args=(2, model_folders["llava_next"], out, _free_port()), nprocs=2, join=True)
+    single = collect_neuron_stats(HookedMLLM.from_pretrained(model_folders["llava_next"]), make_samples(), batch_size=2, progress=False)
+    for rank in range(2):
+        parallel = NeuronStats.load(f"{out}.{rank}")
+        assert parallel.metadata["settings"]["world_size"] == 2
+        for name, s in single.modules.items():
+            p = parallel.modules[name]
+            for field in ("over_zero", "n_tokens", "max", "min"):
+                assert torch.equal(getattr(p, field), getattr(s, field)), (name, field)
+            for field in ("sum", "sum_sq"):
+                assert torch.allclose(getattr(p, field), getattr(s, field), rtol=1e-12, atol=1e-10), (name, field)
+
+
+class _Interrupting(list):
+    """A sample list that stops the run (as Ctrl-C would) at one index."""
+
+    def __init__(self, items, stop_at):
+        super().__init__(items)
+        self.stop_at = stop_at
+
+    def __getitem__(self, index):
+        if index == self.stop_at:
+            raise KeyboardInterrupt
+        return super().__getitem__(index)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return make_samples()
+
+
+def test_resume_after_interruption_is_bit_identical(model, samples, tmp_path):
+    plain = collect_neuron_stats(model, samples, batch_size=2, progress=False)
+    path = tmp_path / "stats.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        collect_neuron_stats(model, _Interrupting(samples, stop_at=7), batch_size=2, checkpoint=path, checkpoint_every=1, progress=False)
+    assert NeuronStats.load(path).metadata["batches_done"] == 3
+    resumed = collect_neuron_stats(model, samples, batch_size=2, checkpoint=path, checkpoint_every=1, progress=False)
+    assert resumed.equals(plain)
+
+
+def test_checkpoint_with_other_settings_is_refused(model, samples, tmp_path):
+    path = tmp_path / "stats.safetensors"
+    collect_neuron_stats(model, samples[:4], batch_size=2, checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match="made with other settings"):
+        collect_neuron_stats(model, samples[:4], batch_size=1, checkpoint=path, progress=False)
