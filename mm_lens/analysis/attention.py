@@ -44,7 +44,6 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
-import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,15 +56,15 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mm_lens.base.display import figure_and_axes, text_table
+from mm_lens.base.hooks import block_hook, resolve_layers
 from mm_lens.base.io import load_tensors, save_tensors
-from mm_lens.base.modality import MODALITIES, ModalityMap
+from mm_lens.base.modality import MODALITIES, ModalityMap, position_mask
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = [
-    "POSITIONS",
     "AttentionShare",
     "KnockoutEffect",
     "attention_to_modalities",
@@ -74,9 +73,6 @@ __all__ = [
     "knockout_hooks",
 ]
 
-POSITIONS: tuple[str, ...] = ("last", *MODALITIES)
-PATTERN_HOOK = "blocks.{layer}.attn.hook_pattern"
-SCORES_HOOK = "blocks.{layer}.attn.hook_attn_scores"
 SHARE_NAME = "attention_share"
 
 # a modality name, "last", a tuple of them, or a bool mask [batch, pos]
@@ -96,62 +92,14 @@ def _map_of(batch: Any) -> ModalityMap:
     )
 
 
-def _positions(modality_map: ModalityMap, spec: Positions, what: str) -> Bool[Tensor, "batch pos"]:
-    """The positions ``spec`` selects in ``modality_map``, as a bool mask on the CPU."""
-    if isinstance(spec, Tensor):
-        if spec.dtype != torch.bool:
-            raise ValueError(f"{what} mask has dtype {spec.dtype}; pass a bool tensor [batch, pos]")
-        if tuple(spec.shape) != modality_map.shape:
-            raise ValueError(
-                f"{what} mask has shape {tuple(spec.shape)} but the batch is {modality_map.shape}; "
-                "pass one bool per position of the prompt [batch, pos]"
-            )
-        return spec.cpu()
-    names = (spec,) if isinstance(spec, str) else tuple(spec)
-    if not names:
-        raise ValueError(f"{what} is empty; pass a modality name, 'last', a tuple of them, or a bool mask")
-    unknown = [name for name in names if name not in POSITIONS]
-    if unknown:
-        raise ValueError(
-            f"unknown {what} position(s) {unknown}; use a bool mask [batch, pos] or any of "
-            f"{', '.join(repr(p) for p in POSITIONS)}"
-        )
-    modalities = [name for name in names if name != "last"]
-    mask = modality_map.mask(*modalities) if modalities else torch.zeros(modality_map.shape, dtype=torch.bool)
-    return mask | modality_map.last_mask() if "last" in names else mask
-
-
 def _describe(spec: Positions) -> str:
     if isinstance(spec, Tensor):
         return "mask"
     return spec if isinstance(spec, str) else "+".join(spec)
 
 
-def _layers(model: Any, layers: int | Sequence[int] | None) -> list[int]:
-    n_layers = model.cfg.n_layers
-    if layers is None:
-        return list(range(n_layers))
-    chosen = [layers] if not isinstance(layers, Sequence) else list(layers)
-    if not chosen:
-        raise ValueError("layers is empty; pass None for every layer, or layer indices")
-    checked = []
-    for layer in chosen:
-        try:
-            if isinstance(layer, bool):
-                raise TypeError
-            layer = operator.index(layer)
-        except TypeError:
-            raise ValueError(f"layers holds {layer!r}; pass integer layer indices") from None
-        if not 0 <= layer < n_layers:
-            raise ValueError(
-                f"layer {layer} out of range: the language model has {n_layers} layers (valid 0..{n_layers - 1})"
-            )
-        checked.append(layer)
-    return sorted(set(checked))
-
-
-def _hook_names(model: Any, template: str, layers: Sequence[int]) -> list[str]:
-    names = [template.format(layer=layer) for layer in layers]
+def _hook_names(model: Any, point: str, layers: Sequence[int]) -> list[str]:
+    names = [block_hook(layer, point) for layer in layers]
     missing = [name for name in names if name not in model.hook_dict]
     if missing:
         raise ValueError(
@@ -261,11 +209,11 @@ def attention_to_modalities(
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown:
         raise ValueError(f"unknown modality(ies) {unknown}; expected any of {', '.join(MODALITIES)}")
-    queries = _positions(modality_map, query, "query")
+    queries = position_mask(modality_map, query, "query position(s)")
     n_queries = queries.sum(dim=1)
     if not bool(n_queries.any()):
         raise ValueError(f"query={_describe(query)!r} selects no position in any row of the batch")
-    layers = _layers(model, layers)
+    layers = resolve_layers(layers, model.cfg.n_layers)
     keys = torch.stack([modality_map.mask(m) for m in modalities], dim=-1)  # [batch, pos, modality]
     on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
     summed: dict[int, Float[Tensor, "batch head modality"]] = {}
@@ -281,7 +229,7 @@ def attention_to_modalities(
 
         return hook
 
-    names = _hook_names(model, PATTERN_HOOK, layers)
+    names = _hook_names(model, "pattern", layers)
     model.run_with_hooks(batch, fwd_hooks=[(name, record(layer)) for name, layer in zip(names, layers)], return_type=None)
     stacked = torch.stack([summed[layer] for layer in layers], dim=1)  # [batch, layer, head, modality]
     per_row = stacked / rearrange(n_queries.float(), "batch -> batch 1 1 1")
@@ -293,7 +241,7 @@ def attention_to_modalities(
 def _edges(modality_map: ModalityMap, query: Positions, keys: Positions) -> Bool[Tensor, "batch q k"]:
     """Query -> key pairs to cut, if the model attends along them: selected, key not padding
     (the model's mask is applied by the hook, see ``_Knockout``)."""
-    queries, keyed = _positions(modality_map, query, "query"), _positions(modality_map, keys, "keys")
+    queries, keyed = position_mask(modality_map, query, "query position(s)"), position_mask(modality_map, keys, "keys position(s)")
     keyed = keyed & ~modality_map.mask("padding")
     return rearrange(queries, "batch q -> batch q 1") & rearrange(keyed, "batch k -> batch 1 k")
 
@@ -326,9 +274,9 @@ class _Knockout:
 def _knockout_pairs(
     model: Any, edges: Tensor, layers: Sequence[int], renormalize: bool
 ) -> list[tuple[str, HookFn]]:
-    template, fill = (SCORES_HOOK, float("-inf")) if renormalize else (PATTERN_HOOK, 0.0)
+    point, fill = ("attn_scores", float("-inf")) if renormalize else ("pattern", 0.0)
     hook = _Knockout(edges, fill)
-    return [(name, hook) for name in _hook_names(model, template, layers)]
+    return [(name, hook) for name in _hook_names(model, point, layers)]
 
 
 def knockout_hooks(
@@ -349,7 +297,7 @@ def knockout_hooks(
     its weight) instead of after it; see the module docstring.
     """
     modality_map = _map_of(modality_map)
-    return _knockout_pairs(model, _edges(modality_map, query, keys), _layers(model, layers), renormalize)
+    return _knockout_pairs(model, _edges(modality_map, query, keys), resolve_layers(layers, model.cfg.n_layers), renormalize)
 
 
 @contextlib.contextmanager
@@ -433,7 +381,7 @@ def knockout_effect(
     """
     modality_map = _map_of(batch)
     edges = _edges(modality_map, query, keys)
-    layers = _layers(model, layers)
+    layers = resolve_layers(layers, model.cfg.n_layers)
     clean = _scalar(metric(model(batch)))
     groups = [[layer] for layer in layers] if per_layer else [layers]
     values = [

@@ -24,6 +24,7 @@ from mm_lens.analysis.attention import attention_to_modalities, knockout_effect
 from mm_lens.model.samples import Sample, chat_prompt, prompt_batch, sample_chunks
 from mm_lens.neurons.deactivation import deactivated
 from mm_lens.model.inputs import answer_token_ids
+from mm_lens.base.hooks import block_hook, parse_block_hook
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import MODALITIES
 from mm_lens.neurons.modality_neurons import modality_masks
@@ -80,14 +81,14 @@ def modality_representations(
         means = torch.full((len(chunk), n_layers, len(modalities), width), torch.nan)
 
         def reduce_layer(resid: Tensor, hook: Any) -> None:
-            layer, act = int(hook.name.split(".")[1]), resid.float()
+            layer, act = parse_block_hook(hook.name)[0], resid.float()
             center_sum[layer] += torch.einsum("bpd,bp->d", act, keep.to(act.device)).double().cpu()
             for m, name in enumerate(modalities):
                 weights = masks[name].to(act.device).float()
                 counts = weights.sum(1, keepdim=True)
                 means[:, layer, m] = (torch.einsum("bpd,bp->bd", act, weights) / counts).cpu()  # NaN where absent
 
-        hooks = [(f"blocks.{l}.hook_resid_post", reduce_layer) for l in range(n_layers)]
+        hooks = [(block_hook(l, "resid_post"), reduce_layer) for l in range(n_layers)]
         with torch.no_grad(), _switched_off(model, neurons_off):
             model.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
         center_count += int(keep.sum())

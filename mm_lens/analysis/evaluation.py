@@ -25,6 +25,7 @@ from mm_lens.model.samples import Sample, chat_prompt, chunk_media, prompt_batch
 from mm_lens.neurons.deactivation import deactivation_hooks
 from mm_lens.model.generation import check_generation
 from mm_lens.model.inputs import answer_token_ids
+from mm_lens.base.hooks import block_hook
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.neurons.neuron_set import NeuronSet
 
@@ -65,7 +66,7 @@ def _teacher_forced(model: Any, chunk: Sequence[Sample], deactivate: Mapping[str
         question_only = model.prepare_inputs(prompts, **media, chat=False)
         batch.inputs.update({name: question_only[name] for name in model.spec.prompt_only_inputs})
     lengths = [len(answer_token_ids(model.processor, p, s["answer"])) for p, s in zip(prompts, chunk)]
-    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    final = block_hook(model.cfg.n_layers - 1, "resid_post")
     saved = {}
 
     def save_final(resid: Tensor, hook: Any) -> None:

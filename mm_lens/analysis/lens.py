@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from mm_lens.model.samples import Sample, prompt_batch, sample_chunks, sample_column
 from mm_lens.base.fast_path import mismatch, warn_fallback
+from mm_lens.base.hooks import block_hook, resolve_layers
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import position_mask
 
@@ -429,7 +430,7 @@ def _final_rows_hooks(model: Any, row: Tensor, col: Tensor, kept: dict[str, Tens
 
         return hook
 
-    return [(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", keep("resid")), ("unembed.hook_out", keep("logits"))]
+    return [(block_hook(model.cfg.n_layers - 1, "resid_post"), keep("resid")), ("unembed.hook_out", keep("logits"))]
 
 
 def _check_against_model(kept: Mapping[str, Tensor], final_norm: Norm, W_U: Tensor, b_U: Tensor | None) -> None:
@@ -470,10 +471,7 @@ def logit_lens(
     unknown = [h for h in kinds if h not in HOOK_KINDS]
     if unknown or not kinds or len(set(kinds)) != len(kinds):
         raise ValueError(f"hooks must be distinct kinds among {', '.join(HOOK_KINDS)}; got {kinds}")
-    n_layers = model.cfg.n_layers
-    layer_list = list(range(n_layers)) if layers is None else [int(l) for l in layers]
-    if not layer_list or any(not 0 <= l < n_layers for l in layer_list) or len(set(layer_list)) != len(layer_list):
-        raise ValueError(f"layers must be distinct indices in [0, {n_layers}); got {layer_list}")
+    layer_list = resolve_layers(layers, model.cfg.n_layers)
     mm = batch.modality_map if hasattr(batch, "modality_map") else model.modality_map(batch)
     mask = position_mask(mm, positions)
     if not mask.any():
@@ -502,7 +500,7 @@ def logit_lens(
 
             return hook
 
-        fwd_hooks = [(f"blocks.{l}.hook_{kind}", reader(kind, l)) for kind in kinds for l in layer_list]
+        fwd_hooks = [(block_hook(l, kind), reader(kind, l)) for kind in kinds for l in layer_list]
         model.run_with_hooks(batch, fwd_hooks=fwd_hooks + _final_rows_hooks(model, rows[0], cols[0], kept := {}), return_type=None)
     _check_against_model(kept, final_norm, W_U, b_U)
     stats = {kind: LensStats.stack([readings[kind][l] for l in layer_list]) for kind in kinds}

@@ -28,17 +28,11 @@ from transformers import Cache
 
 from mm_lens.base.fast_path import agreeing
 from mm_lens.model.inputs import MultimodalBatch
+from mm_lens.base.hooks import block_hook, resolve_layers
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import ModalityMap, position_mask
 
-HOOKS = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "mlp_act": "blocks.{layer}.mlp.hook_act",
-}
+HOOKS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_act")
 METRICS = ("logit_diff", "prob", "kl")
 
 
@@ -305,13 +299,10 @@ def patch_sweep(
     runs = {"clean": clean, "corrupted": corrupted}
     if source not in runs or target not in runs:
         raise ValueError("source and target must each be 'clean' or 'corrupted'")
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    bad = [l for l in layers if not 0 <= l < model.cfg.n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range; the model has {model.cfg.n_layers}")
+    layers = resolve_layers(layers, model.cfg.n_layers)
     mm = clean.modality_map
     units = _units(mm, positions, per, cell_size)
-    names = [HOOKS[hook].format(layer=l) for l in layers]
+    names = [block_hook(l, hook) for l in layers]
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
         corrupted_logits, corrupted_cache = model.run_with_cache(corrupted, names_filter=names)

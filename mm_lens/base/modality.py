@@ -17,6 +17,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 MODALITIES: tuple[str, ...] = ("text", "image", "special", "padding", "video", "audio", "generated")
+# unions of position kinds: every non-padding position, the last prompt position, MINER's
+# special-or-text and every prompt position (not padding, not generated)
+POSITION_GROUPS: tuple[str, ...] = ("all", "last", "special_text", "prompt")
+POSITIONS: tuple[str, ...] = MODALITIES + POSITION_GROUPS  # the one vocabulary of position names
 
 
 def modality_code(name: str) -> int:
@@ -174,21 +178,37 @@ class ModalityMap:
         return "\n".join(lines)
 
 
-def position_mask(mm: ModalityMap, positions: str | Sequence[str] | Tensor) -> Bool[Tensor, "batch pos"]:
-    """Positions to read: modality names (``"image"``, ``("image", "text")``), ``"last"`` (the
-    last prompt position of each row), ``"all"`` (every non-padding position) or a
-    ``[batch, pos]`` bool mask."""
+def position_names(positions: str | Sequence[str], what: str = "positions") -> tuple[str, ...]:
+    """The names of a ``positions=`` argument, checked against ``POSITIONS``."""
+    names = (positions,) if isinstance(positions, str) else tuple(positions)
+    if not names:
+        raise ValueError(f"{what} is empty; pass position names ({', '.join(POSITIONS)}) or a [batch, pos] bool mask")
+    unknown = [n for n in names if n not in POSITIONS]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; pass position names ({', '.join(POSITIONS)}) or a [batch, pos] bool mask")
+    return names
+
+
+def position_mask(mm: ModalityMap, positions: str | Sequence[str] | Tensor, what: str = "positions") -> Bool[Tensor, "batch pos"]:
+    """The positions a ``positions=`` argument selects, as a ``[batch, pos]`` bool mask on the
+    CPU: names of ``POSITIONS`` (modalities such as ``"image"``, or the groups ``"all"``,
+    ``"last"``, ``"special_text"``, ``"prompt"``; several names are united) or a bool mask of
+    the batch's shape."""
     if isinstance(positions, Tensor):
         if positions.dtype != torch.bool or tuple(positions.shape) != mm.shape:
-            raise ValueError(f"a positions mask must be a bool tensor of the batch's shape {mm.shape}, got {positions.dtype} {tuple(positions.shape)}")
+            raise ValueError(
+                f"a {what} mask must be a bool tensor of the batch's shape {mm.shape}, got {positions.dtype} {tuple(positions.shape)}"
+            )
         return positions.cpu()
-    names = [positions] if isinstance(positions, str) else list(positions)
-    unknown = [n for n in names if n not in MODALITIES + ("last", "all")]
-    if unknown or not names:
-        raise ValueError(f"unknown positions {unknown or names}; pass modality names ({', '.join(MODALITIES)}), 'last', 'all' or a [batch, pos] bool mask")
+    groups = {
+        "all": lambda: ~mm.mask("padding"),
+        "last": mm.last_mask,
+        "special_text": lambda: mm.mask("special", "text"),
+        "prompt": lambda: ~mm.mask("padding", "generated"),
+    }
     mask = torch.zeros(mm.shape, dtype=torch.bool)
-    for name in names:
-        mask |= mm.last_mask() if name == "last" else ~mm.mask("padding") if name == "all" else mm.mask(name)
+    for name in position_names(positions, what):
+        mask |= groups[name]() if name in groups else mm.mask(name)
     return mask
 
 

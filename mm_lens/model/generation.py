@@ -24,6 +24,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from mm_lens.model.inputs import MultimodalBatch
+from mm_lens.base.hooks import block_hook
 from mm_lens.base.modality import ModalityMap, modality_code
 
 
@@ -138,7 +139,7 @@ class StepRecorder:
         def count(activation: Tensor, hook: Any) -> None:
             self.forwards += 1
 
-        return [(name, keep(name)) for name in self.names] + [("blocks.0.hook_resid_pre", count)]
+        return [(name, keep(name)) for name in self.names] + [(block_hook(0, "resid_pre"), count)]
 
     def cache_dict(self) -> dict[str, Tensor]:
         """Name -> activations; hooks that fired in the prompt forward only (the encoders)

@@ -53,12 +53,11 @@ from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mm_lens.base.modality import MODALITIES, ModalityMap
+from mm_lens.base.modality import ModalityMap, position_mask, position_names
 
-__all__ = ["MODES", "POSITIONS", "deactivated", "deactivation_hooks", "neuron_dict"]
+__all__ = ["MODES", "deactivated", "deactivation_hooks", "neuron_dict"]
 
 MODES: tuple[str, ...] = ("zero", "mean", "min", "constant")
-POSITIONS: tuple[str, ...] = ("all", "last", *MODALITIES)
 
 # {module: [indices per layer]}; a NeuronSet (anything with .union(groups)) is accepted too
 Neurons = Mapping[str, Sequence[Int[Tensor, "neuron"]]]
@@ -120,12 +119,7 @@ def _checked_indices(module: str, layers: Any, n_layers: int, width: int) -> lis
 
 def _position_names(positions: str | Sequence[str]) -> frozenset[str] | None:
     """The chosen position names, or None for every position."""
-    names = (positions,) if isinstance(positions, str) else tuple(positions)
-    if not names:
-        raise ValueError("positions is empty; pass 'all', a modality name, 'last', or a tuple of them")
-    unknown = [name for name in names if name not in POSITIONS]
-    if unknown:
-        raise ValueError(f"unknown position(s) {unknown}; use {', '.join(repr(p) for p in POSITIONS)}")
+    names = position_names(positions)
     return None if "all" in names else frozenset(names)
 
 
@@ -137,11 +131,10 @@ class _PositionMask:
     """
 
     def __init__(self, modality_map: ModalityMap, names: frozenset[str]):
-        modalities = sorted(names - {"last"})
-        none = torch.zeros(modality_map.shape, dtype=torch.bool)
-        self.prompt = modality_map.mask(*modalities) if modalities else none
+        others = tuple(sorted(names - {"last"}))
+        self.prompt = position_mask(modality_map, others) if others else torch.zeros(modality_map.shape, dtype=torch.bool)
         self.prompt_last = modality_map.last_mask()
-        self.generated = "text" in names
+        self.generated = bool(names & {"text", "special_text", "generated"})
         self.last = "last" in names
         self._cache: dict[tuple[int, torch.device], tuple[Tensor, bool]] = {}
 

@@ -18,30 +18,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mm_lens.model.samples import Sample, prompt_batch, sample_chunks
+from mm_lens.base.hooks import block_hook, parse_block_hook
 from mm_lens.base.io import load_tensors, save_tensors
-from mm_lens.base.modality import ModalityMap
+from mm_lens.base.modality import ModalityMap, position_mask, position_names
 from mm_lens.neurons.neuron_set import NeuronSet
 from mm_lens.neurons.miner import DEFAULT_METRIC_WEIGHTS, MINER_METRICS, ScoreAccumulator, combine_datasets, importance_scores, miner_select, weighted_score
 
-MINER_MODALITIES: tuple[str, ...] = ("text", "image", "video", "audio", "special", "special_text", "prompt")
-
-
 def modality_masks(mm: ModalityMap, modalities: Sequence[str]) -> dict[str, Bool[Tensor, "batch pos"]]:
-    """MINER's modality separation: text, image, video, audio, special (template and
-    BOS-like tokens), ``special_text`` (special or text) and ``prompt`` (every non-padding
-    position)."""
-    unknown = [m for m in modalities if m not in MINER_MODALITIES]
-    if unknown:
-        raise ValueError(f"unknown MINER modalities {unknown}; choose from {', '.join(MINER_MODALITIES)}")
-    masks = {}
-    for name in modalities:
-        if name == "special_text":
-            masks[name] = mm.mask("special", "text")
-        elif name == "prompt":
-            masks[name] = ~mm.mask("padding")
-        else:
-            masks[name] = mm.mask(name)
-    return masks
+    """MINER's modality separation: one mask per position name (``text``, ``image``,
+    ``video``, ``audio``, ``special`` -- template and BOS-like tokens --, ``special_text`` and
+    ``prompt``; see ``mm_lens.base.modality.POSITIONS``)."""
+    position_names(modalities, "MINER modalities")
+    return {name: position_mask(mm, name) for name in modalities}
 
 
 def _unmasked_attention(q: Tensor, k: Tensor, keep: Bool[Tensor, "pos"]) -> Float[Tensor, "pos pos"]:
@@ -63,9 +51,7 @@ class MinerScoreCollector:
     """
 
     def __init__(self, model: Any, modalities: Sequence[str] = ("text", "image"), *, published_attention: bool = False):
-        unknown = [m for m in modalities if m not in MINER_MODALITIES]
-        if unknown or not modalities:
-            raise ValueError(f"modalities must be MINER modalities ({', '.join(MINER_MODALITIES)}), got {list(modalities)}")
+        position_names(modalities, "MINER modalities")
         self.model = model
         self.modalities = tuple(modalities)
         self.published_attention = published_attention
@@ -109,10 +95,10 @@ class MinerScoreCollector:
         hooks = []
         for layer in range(n_layers):
             if self.published_attention:
-                hooks += [(f"blocks.{layer}.attn.hook_rot_q", save_qk), (f"blocks.{layer}.attn.hook_rot_k", save_qk)]
+                hooks += [(block_hook(layer, "attn.hook_rot_q"), save_qk), (block_hook(layer, "attn.hook_rot_k"), save_qk)]
             else:
-                hooks.append((f"blocks.{layer}.attn.hook_pattern", save_pattern))
-            hooks.append((f"blocks.{layer}.mlp.hook_act", score_layer))
+                hooks.append((block_hook(layer, "pattern"), save_pattern))
+            hooks.append((block_hook(layer, "mlp_act"), score_layer))
         with torch.no_grad():
             model.run_with_hooks(batch, fwd_hooks=hooks, return_type=None)
         for (b, m), per_metric in scores.items():
@@ -121,7 +107,7 @@ class MinerScoreCollector:
 
 
 def _layer(hook: Any) -> int:
-    return int(hook.name.split(".")[1])
+    return parse_block_hook(hook.name)[0]
 
 
 @dataclass

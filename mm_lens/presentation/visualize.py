@@ -52,6 +52,7 @@ from PIL import Image
 from torch import Tensor
 
 from mm_lens.model.architectures.llava import anyres_grid
+from mm_lens.base.hooks import block_hook
 from mm_lens.base.modality import ModalityMap
 
 Extent = tuple[float, float, float, float]
@@ -204,7 +205,7 @@ def attention_view(
     removed; image tokens labelled by patch. ``pattern`` skips the forward pass."""
     mm = _modality_map(model, batch)
     if pattern is None:
-        name = f"blocks.{layer}.attn.hook_pattern"
+        name = block_hook(layer, "pattern")
         _, cache = model.run_with_cache(batch, names_filter=name)
         pattern = cache[name]
     positions = _kept_positions(batch, mm, row).to(pattern.device)

@@ -317,8 +317,10 @@ def test_lens_errors_say_what_to_do(model):
         logit_lens(model, batch, k=0)
     with pytest.raises(ValueError, match="k must be an integer"):
         logit_lens(model, batch, k=model.cfg.d_vocab + 1)
-    with pytest.raises(ValueError, match="layers must be"):
+    with pytest.raises(ValueError, match="out of range"):
         logit_lens(model, batch, layers=[model.cfg.n_layers])
+    with pytest.raises(ValueError, match="named twice"):
+        logit_lens(model, batch, layers=[0, 0])
     with pytest.raises(ValueError, match="single tokens"):
         logit_lens(model, batch, targets=["red car"])
     with pytest.raises(ValueError, match="target ids must lie"):
