@@ -17,7 +17,7 @@ import torch
 from transformer_lens.model_bridge.supported_architectures.gemma3_multimodal import Gemma3MultimodalArchitectureAdapter
 
 from mm_lens.model.architectures import ArchitectureSpec
-from mm_lens.model.architectures.llava import _grid_layout, _with_neuron_hooks
+from mm_lens.model.architectures.llava import grid_layout, with_neuron_hooks
 from mm_lens.base.modality import ImageLayout
 
 NEURON_HOOKS = {
@@ -46,14 +46,14 @@ class Gemma3NeuronAdapter(Gemma3MultimodalArchitectureAdapter):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        _with_neuron_hooks(self, projector=False)
+        with_neuron_hooks(self, projector=False)
 
 
 def _gemma3_layouts(config: Any, inputs: Mapping[str, Any]) -> list[ImageLayout]:
     """One square grid of ``sqrt(mm_tokens_per_image)`` pooled cells per row of ``pixel_values``."""
     pixel_values = inputs.get("pixel_values")
     side = math.isqrt(config.mm_tokens_per_image)
-    return [] if pixel_values is None else [_grid_layout(side, with_cls=False) for _ in range(len(pixel_values))]
+    return [] if pixel_values is None else [grid_layout(side, with_cls=False) for _ in range(len(pixel_values))]
 
 
 def _check_token_types(config: Any, inputs: Mapping[str, Any]) -> None:

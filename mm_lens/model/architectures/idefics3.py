@@ -23,7 +23,7 @@ from transformer_lens.model_bridge.supported_architectures.idefics3 import Idefi
 
 from mm_lens.model.architectures import ArchitectureSpec
 from mm_lens.model.architectures.gemma3 import GEMMA3
-from mm_lens.model.architectures.llava import _with_neuron_hooks
+from mm_lens.model.architectures.llava import with_neuron_hooks
 from mm_lens.base.modality import ImageLayout
 
 # Declared by TransformerLens' bridges but never called by HF's forward here (as for Gemma 3),
@@ -38,7 +38,7 @@ class Idefics3NeuronAdapter(Idefics3ArchitectureAdapter):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        _with_neuron_hooks(self, projector=False)
+        with_neuron_hooks(self, projector=False)
 
 
 def _token_side(config: Any) -> int:

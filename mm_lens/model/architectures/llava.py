@@ -45,7 +45,7 @@ INERT_HOOKS = (
 )
 
 
-def _with_neuron_hooks(adapter: ArchitectureAdapter, projector: bool = True) -> None:
+def with_neuron_hooks(adapter: ArchitectureAdapter, projector: bool = True) -> None:
     """Swap in the gated MLP with ``hook_act`` and (``projector``) the two-layer projector
     with ``hook_hidden``."""
     mapping = adapter.components
@@ -62,7 +62,7 @@ class LlavaNeuronAdapter(LlavaArchitectureAdapter):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        _with_neuron_hooks(self)
+        with_neuron_hooks(self)
 
 
 class LlavaNextNeuronAdapter(LlavaNextArchitectureAdapter):
@@ -70,14 +70,14 @@ class LlavaNextNeuronAdapter(LlavaNextArchitectureAdapter):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        _with_neuron_hooks(self)
+        with_neuron_hooks(self)
 
 
-def _patch_grid(config: Any) -> int:
+def patch_grid(config: Any) -> int:
     return config.vision_config.image_size // config.vision_config.patch_size
 
 
-def _grid_layout(side: int, with_cls: bool) -> ImageLayout:
+def grid_layout(side: int, with_cls: bool) -> ImageLayout:
     """One square view: optional CLS feature first, then the patches row-major."""
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     row, col = rows.flatten(), cols.flatten()
@@ -100,7 +100,7 @@ def llava_layouts(config: Any, inputs: Mapping[str, Any]) -> list[ImageLayout]:
     pixel_values = inputs.get("pixel_values")
     n_images = 0 if pixel_values is None else pixel_values.shape[0]
     with_cls = config.vision_feature_select_strategy == "full"
-    return [_grid_layout(_patch_grid(config), with_cls) for _ in range(n_images)]
+    return [grid_layout(patch_grid(config), with_cls) for _ in range(n_images)]
 
 
 class AnyresGrid(NamedTuple):
@@ -118,7 +118,7 @@ class AnyresGrid(NamedTuple):
 
 
 def anyres_grid(config: Any, image_size: tuple[int, int]) -> AnyresGrid:
-    side, tile_px = _patch_grid(config), config.vision_config.image_size
+    side, tile_px = patch_grid(config), config.vision_config.image_size
     height, width = image_size
     best_h, best_w = select_best_resolution((height, width), config.image_grid_pinpoints)
     tiles_h, tiles_w = best_h // tile_px, best_w // tile_px
@@ -136,7 +136,7 @@ def anyres_grid(config: Any, image_size: tuple[int, int]) -> AnyresGrid:
     return AnyresGrid(side, tiles_h, tiles_w, top, left, rows_kept, cols_kept)
 
 
-def _anyres_layout(config: Any, image_size: tuple[int, int], shape: tuple[int, int] | None = None) -> ImageLayout:
+def anyres_layout(config: Any, image_size: tuple[int, int], shape: tuple[int, int] | None = None) -> ImageLayout:
     """Base view, then the high-resolution grid with one newline per row: HF's unpadded grid
     or, with ``shape``, that grid resized to ``shape`` (LLaVA-OneVision downsizes large grids
     bilinearly; each cell is then named after the patch under its centre, with feature -1
@@ -144,7 +144,7 @@ def _anyres_layout(config: Any, image_size: tuple[int, int], shape: tuple[int, i
     grid = anyres_grid(config, image_size)
     side = grid.side
     rows, cols = shape or (grid.rows, grid.cols)
-    base = _grid_layout(side, with_cls=False)
+    base = grid_layout(side, with_cls=False)
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols + 1), indexing="ij")
     r, c = r.flatten(), c.flatten()
     newline = c == cols
@@ -183,7 +183,7 @@ def llava_next_layouts(config: Any, inputs: Mapping[str, Any]) -> list[ImageLayo
         raise ValueError("LLaVA-NeXT layouts are defined for vision_feature_select_strategy='default' only")
     if image_sizes is None:
         raise ValueError("LLaVA-NeXT needs image_sizes with pixel_values; build inputs with the model's processor")
-    return [_anyres_layout(config, (int(h), int(w))) for h, w in torch.as_tensor(image_sizes).tolist()]
+    return [anyres_layout(config, (int(h), int(w))) for h, w in torch.as_tensor(image_sizes).tolist()]
 
 
 LLAVA = ArchitectureSpec(

@@ -23,11 +23,11 @@ from mm_lens.model.architectures.image_text_processor import ImageTextProcessor
 from mm_lens.model.architectures.llava import (
     LLAVA,
     anyres_grid,
-    _anyres_layout,
-    _grid_layout,
-    _patch_grid,
-    _with_neuron_hooks,
+    anyres_layout,
     check_image_sizes,
+    grid_layout,
+    patch_grid,
+    with_neuron_hooks,
 )
 from mm_lens.base.modality import ImageLayout
 
@@ -66,7 +66,7 @@ class LlavaOnevisionNeuronAdapter(LlavaOnevisionArchitectureAdapter):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        _with_neuron_hooks(self)
+        with_neuron_hooks(self)
 
 
 def _with_newline(layout: ImageLayout) -> ImageLayout:
@@ -82,20 +82,20 @@ def _with_newline(layout: ImageLayout) -> ImageLayout:
 
 
 def _image_layout(config: Any, image_size: tuple[int, int], alone: bool) -> ImageLayout:
-    side = _patch_grid(config)
+    side = patch_grid(config)
     if not alone:
-        return _with_newline(_grid_layout(side, with_cls=False))
+        return _with_newline(grid_layout(side, with_cls=False))
     grid = anyres_grid(config, image_size)
     max_views = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
     ratio = math.sqrt(grid.rows * grid.cols / (max_views * side**2))
     shape = (int(grid.rows // ratio), int(grid.cols // ratio)) if ratio > 1.1 else None
-    return _anyres_layout(config, image_size, shape)
+    return anyres_layout(config, image_size, shape)
 
 
 def _video_layout(config: Any, frames: int) -> ImageLayout:
     """Each frame's grid resized to ``ceil(side / 2)`` square, frame after frame, then one
     newline; ``tile`` is the frame and ``feature`` indexes the video's pooled features."""
-    pooled = math.ceil(_patch_grid(config) / 2)
+    pooled = math.ceil(patch_grid(config) / 2)
     r, c = torch.meshgrid(torch.arange(pooled), torch.arange(pooled), indexing="ij")
     n = frames * pooled * pooled
     frame_grid = ImageLayout(

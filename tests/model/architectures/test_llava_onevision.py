@@ -17,7 +17,7 @@ from checks import (
     hf_module_outputs,
 )
 from helpers import VARIED_SIZES, make_samples, random_image
-from mm_lens.model.architectures.llava import _anyres_layout
+from mm_lens.model.architectures.llava import anyres_layout
 from mm_lens.model.architectures.llava_onevision import ImageOnlyLlavaOnevisionProcessor
 from mm_lens.model.inputs import MultimodalBatch
 
@@ -139,7 +139,7 @@ def test_downsized_grid_is_the_bilinear_resize_of_the_unpadded_grid(model, hf_re
     assert bool((layout.feature[SIDE * SIDE :] == -1).all()) and set(layout.tile[hires].tolist()) == {1, 2, 3, 4}
 
     (projected,) = hf_module_outputs(hf_reference, hf_reference.model.multi_modal_projector, batch)
-    full = _anyres_layout(config, IMAGE_SIZES[2])  # the same image, not downsized
+    full = anyres_layout(config, IMAGE_SIZES[2])  # the same image, not downsized
     keep = full.tile >= 1
     grid = torch.zeros(full.grids[1] + (projected.shape[-1],))
     grid[full.row[keep], full.col[keep]] = projected.flatten(0, 1)[full.feature[keep]]
