@@ -4,7 +4,6 @@ metadata (JSON) and plots (PNG). The command line runs these."""
 from __future__ import annotations
 
 import json
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -12,21 +11,32 @@ from typing import Any, Mapping, Sequence
 import torch
 from PIL import Image
 
-from mm_lens.model.samples import Sample, chat_prompt, first_per_domain, sample_column, with_images
+from mm_lens.analysis.convergence import ConvergenceResult, analyze_convergence
+from mm_lens.analysis.evaluation import CrossDomainResult, evaluate_cross_domain
+from mm_lens.analysis.lens import LensSummary, logit_lens_summary
+from mm_lens.analysis.patching import PatchingResult, patch_sweep
+from mm_lens.base.modality import MODALITIES
+from mm_lens.model.hooked import HookedMLLM
+from mm_lens.model.inputs import answer_token_ids
+from mm_lens.model.samples import (
+    Sample,
+    chat_prompt,
+    first_per_domain,
+    sample_column,
+    with_images,
+)
 from mm_lens.neurons.collection import collect_neuron_stats
 from mm_lens.neurons.domain_neurons import select_domain_neurons
-from mm_lens.presentation.report import HTMLReport
-from mm_lens.neurons.statistics import NeuronStats
-from mm_lens.presentation.visualize import heatmap_for
-from mm_lens.analysis.convergence import ConvergenceResult, analyze_convergence
-from mm_lens.model.inputs import answer_token_ids
-from mm_lens.analysis.lens import LensSummary, logit_lens_summary
-from mm_lens.base.modality import MODALITIES
-from mm_lens.analysis.evaluation import CrossDomainResult, evaluate_cross_domain
-from mm_lens.neurons.modality_neurons import MinerScores, collect_miner_scores, select_modality_neurons
-from mm_lens.neurons.neuron_set import NeuronSet
-from mm_lens.analysis.patching import PatchingResult, patch_sweep
 from mm_lens.neurons.miner import DEFAULT_METRIC_WEIGHTS
+from mm_lens.neurons.modality_neurons import (
+    MinerScores,
+    collect_miner_scores,
+    select_modality_neurons,
+)
+from mm_lens.neurons.neuron_set import NeuronSet
+from mm_lens.neurons.statistics import NeuronStats
+from mm_lens.presentation.report import HTMLReport
+from mm_lens.presentation.visualize import heatmap_for
 
 
 @dataclass
@@ -55,7 +65,7 @@ def _save_figure(figure: Any, path: Path) -> None:
 
 
 def run_domain_neurons(
-    model: Any,
+    model: HookedMLLM,
     samples: Sequence[Sample],
     out: str | Path,
     *,
@@ -114,7 +124,7 @@ def run_domain_neurons(
 
 
 def run_miner(
-    model: Any,
+    model: HookedMLLM,
     datasets: Mapping[str, Sequence[Sample]],
     out: str | Path,
     *,
@@ -220,7 +230,7 @@ def counterfactual_pair(samples: Sequence[Sample], domain: str | None = None) ->
 
 
 def run_patching(
-    model: Any,
+    model: HookedMLLM,
     samples: Sequence[Sample],
     out: str | Path,
     *,
@@ -294,7 +304,7 @@ class LogitLensRun:
 
 
 def run_logit_lens(
-    model: Any,
+    model: HookedMLLM,
     samples: Sequence[Sample],
     out: str | Path,
     *,

@@ -59,6 +59,7 @@ from mm_lens.base.display import figure_and_axes, text_table
 from mm_lens.base.hooks import block_hook, resolve_layers
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import MODALITIES, ModalityMap, position_mask
+from mm_lens.model.hooked import HookedMLLM
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -98,7 +99,7 @@ def _describe(spec: Positions) -> str:
     return spec if isinstance(spec, str) else "+".join(spec)
 
 
-def _hook_names(model: Any, point: str, layers: Sequence[int]) -> list[str]:
+def _hook_names(model: HookedMLLM, point: str, layers: Sequence[int]) -> list[str]:
     names = [block_hook(layer, point) for layer in layers]
     missing = [name for name in names if name not in model.hook_dict]
     if missing:
@@ -190,7 +191,7 @@ class AttentionShare:
 
 
 def attention_to_modalities(
-    model: Any,
+    model: HookedMLLM,
     batch: Any,
     *,
     query: Positions = "last",
@@ -272,7 +273,7 @@ class _Knockout:
 
 
 def _knockout_pairs(
-    model: Any, edges: Tensor, layers: Sequence[int], renormalize: bool
+    model: HookedMLLM, edges: Tensor, layers: Sequence[int], renormalize: bool
 ) -> list[tuple[str, HookFn]]:
     point, fill = ("attn_scores", float("-inf")) if renormalize else ("pattern", 0.0)
     hook = _Knockout(edges, fill)
@@ -280,7 +281,7 @@ def _knockout_pairs(
 
 
 def knockout_hooks(
-    model: Any,
+    model: HookedMLLM,
     modality_map: ModalityMap | Any,
     *,
     query: Positions = "last",
@@ -301,7 +302,7 @@ def knockout_hooks(
 
 
 @contextlib.contextmanager
-def knocked_out(model: Any, modality_map: ModalityMap | Any, **kwargs: Any) -> Iterator[Any]:
+def knocked_out(model: HookedMLLM, modality_map: ModalityMap | Any, **kwargs: Any) -> Iterator[Any]:
     """Block attention edges in every call made inside; keyword arguments as in ``knockout_hooks``."""
     with model.hooks(fwd_hooks=knockout_hooks(model, modality_map, **kwargs)):
         yield model
@@ -364,7 +365,7 @@ def _scalar(value: Any) -> Float[Tensor, ""]:
 
 
 def knockout_effect(
-    model: Any,
+    model: HookedMLLM,
     batch: Any,
     *,
     metric: Callable[[Float[Tensor, "batch pos vocab"]], Tensor],

@@ -21,15 +21,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mm_lens.analysis.attention import attention_to_modalities, knockout_effect
-from mm_lens.model.samples import Sample, chat_prompt, prompt_batch, sample_chunks
-from mm_lens.neurons.deactivation import deactivated
-from mm_lens.model.inputs import answer_token_ids
+from mm_lens.analysis.similarity import centered_mean_cosine, linear_cka
 from mm_lens.base.hooks import block_hook, parse_block_hook
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import MODALITIES
+from mm_lens.model.hooked import HookedMLLM
+from mm_lens.model.inputs import answer_token_ids
+from mm_lens.model.samples import Sample, chat_prompt, prompt_batch, sample_chunks
+from mm_lens.neurons.deactivation import deactivated
 from mm_lens.neurons.modality_neurons import modality_masks
 from mm_lens.neurons.neuron_set import NeuronSet
-from mm_lens.analysis.similarity import centered_mean_cosine, linear_cka
 
 
 @dataclass
@@ -63,7 +64,7 @@ class ModalityRepresentations:
 
 
 def modality_representations(
-    model: Any,
+    model: HookedMLLM,
     samples: Sequence[Sample],
     modalities: Sequence[str] = ("text", "image"),
     *,
@@ -96,7 +97,7 @@ def modality_representations(
     return ModalityRepresentations(torch.cat(rows), (center_sum / center_count).float(), list(modalities))
 
 
-def _switched_off(model: Any, neurons: NeuronSet | None):
+def _switched_off(model: HookedMLLM, neurons: NeuronSet | None):
     return nullcontext() if neurons is None else deactivated(model, neurons)
 
 
@@ -173,7 +174,7 @@ class ConvergenceResult:
         return cls(header["modalities"], curves, header["metadata"])
 
 
-def _first_answer_logprob(model: Any, chunk: Sequence[Sample], last: Tensor):
+def _first_answer_logprob(model: HookedMLLM, chunk: Sequence[Sample], last: Tensor):
     """Metric for knockout: mean log-probability of each answer's first token at the last
     prompt position."""
     first = torch.tensor([
@@ -189,7 +190,7 @@ def _first_answer_logprob(model: Any, chunk: Sequence[Sample], last: Tensor):
 
 
 def analyze_convergence(
-    model: Any,
+    model: HookedMLLM,
     samples: Sequence[Sample],
     *,
     modalities: Sequence[str] = ("text", "image"),

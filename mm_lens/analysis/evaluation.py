@@ -21,12 +21,20 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mm_lens.model.samples import Sample, chat_prompt, chunk_media, prompt_batch, sample_chunks, sample_column
-from mm_lens.neurons.deactivation import deactivation_hooks
-from mm_lens.model.generation import check_generation
-from mm_lens.model.inputs import answer_token_ids
 from mm_lens.base.hooks import block_hook
 from mm_lens.base.io import load_tensors, save_tensors
+from mm_lens.model.generation_check import check_generation
+from mm_lens.model.hooked import HookedMLLM
+from mm_lens.model.inputs import answer_token_ids
+from mm_lens.model.samples import (
+    Sample,
+    chat_prompt,
+    chunk_media,
+    prompt_batch,
+    sample_chunks,
+    sample_column,
+)
+from mm_lens.neurons.deactivation import deactivation_hooks
 from mm_lens.neurons.neuron_set import NeuronSet
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -48,13 +56,13 @@ class AnswerScores:
     predictions: list[str]
 
 
-def _greedy_answers(model: Any, batch: Any, hooks: list, max_new_tokens: int) -> list[str]:
+def _greedy_answers(model: HookedMLLM, batch: Any, hooks: list, max_new_tokens: int) -> list[str]:
     """Greedy continuation of each prompt (``model.generate`` with the hooks active)."""
     with model.hooks(fwd_hooks=hooks):
         return model.generate(batch, max_new_tokens=max_new_tokens).text
 
 
-def _teacher_forced(model: Any, chunk: Sequence[Sample], deactivate: Mapping[str, Any] | None):
+def _teacher_forced(model: HookedMLLM, chunk: Sequence[Sample], deactivate: Mapping[str, Any] | None):
     """Sum of the answer tokens' log-probabilities and the last layer's residual at the last
     prompt position, with the prompt and the answer in one left-padded forward. Inputs the
     architecture derives from the prompt alone (``spec.prompt_only_inputs``, e.g.
@@ -83,14 +91,14 @@ def _teacher_forced(model: Any, chunk: Sequence[Sample], deactivate: Mapping[str
     return logprob, hidden
 
 
-def _hooks(model: Any, batch: Any, deactivate: Mapping[str, Any] | None) -> list:
+def _hooks(model: HookedMLLM, batch: Any, deactivate: Mapping[str, Any] | None) -> list:
     if deactivate is None:
         return []
     return deactivation_hooks(model, modality_map=batch.modality_map, **deactivate)
 
 
 def score_answers(
-    model: Any,
+    model: HookedMLLM,
     samples: Sequence[Sample],
     *,
     deactivate: Mapping[str, Any] | None = None,
@@ -215,7 +223,7 @@ class CrossDomainResult:
 
 
 def evaluate_cross_domain(
-    model: Any,
+    model: HookedMLLM,
     samples: Sequence[Sample],
     neuron_set: NeuronSet,
     *,

@@ -55,11 +55,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mm_lens.model.samples import Sample, prompt_batch, sample_chunks, sample_column
 from mm_lens.base.fast_path import mismatch, warn_fallback
 from mm_lens.base.hooks import block_hook, resolve_layers
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import position_mask
+from mm_lens.model.hooked import HookedMLLM
+from mm_lens.model.samples import Sample, prompt_batch, sample_chunks, sample_column
 
 RESIDUAL_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 COMPONENT_KINDS: tuple[str, ...] = ("attn_out", "mlp_out")
@@ -300,7 +301,7 @@ def three_stages(curve: Float[Tensor, "layer"], min_layers: int | None = None) -
 
 
 # ---- the model edge -------------------------------------------------------------------
-def final_norm_and_unembed(model: Any) -> tuple[Norm, Tensor, Tensor | None]:
+def final_norm_and_unembed(model: HookedMLLM) -> tuple[Norm, Tensor, Tensor | None]:
     """The model's real final norm (the HF module), ``W_U`` ``[d_model, vocab]`` (a view of
     ``lm_head.weight``, tied or not) and ``b_U`` (None when ``lm_head`` has no bias)."""
     unembed = model.bridge.unembed
@@ -310,7 +311,7 @@ def final_norm_and_unembed(model: Any) -> tuple[Norm, Tensor, Tensor | None]:
 
 
 def normalize_component(
-    model: Any, component: Float[Tensor, "... d_model"], final_scale: Float[Tensor, "... 1"]
+    model: HookedMLLM, component: Float[Tensor, "... d_model"], final_scale: Float[Tensor, "... 1"]
 ) -> Float[Tensor, "... d_model"]:
     """A residual component as the final norm sees it inside the final residual: centred
     (LayerNorm only), divided by the final residual's ``final_scale`` (``ln_final.hook_scale``)
@@ -325,7 +326,7 @@ def normalize_component(
     return weight * (x / final_scale.float()).to(component.dtype)
 
 
-def _target_ids(model: Any, targets: Any, n_columns: int, vocab: int) -> Tensor | None:
+def _target_ids(model: HookedMLLM, targets: Any, n_columns: int, vocab: int) -> Tensor | None:
     if targets is None:
         return None
     if isinstance(targets, str):
@@ -410,7 +411,7 @@ class LogitLens:
         return "\n".join(lines)
 
 
-def _final_scale(model: Any, batch: Any, mask: Tensor) -> Tensor:
+def _final_scale(model: HookedMLLM, batch: Any, mask: Tensor) -> Tensor:
     """``ln_final.hook_scale`` at the selected positions (one forward)."""
     kept = {}
 
@@ -421,7 +422,7 @@ def _final_scale(model: Any, batch: Any, mask: Tensor) -> Tensor:
     return kept["scale"]
 
 
-def _final_rows_hooks(model: Any, row: Tensor, col: Tensor, kept: dict[str, Tensor]) -> list:
+def _final_rows_hooks(model: HookedMLLM, row: Tensor, col: Tensor, kept: dict[str, Tensor]) -> list:
     """Hooks keeping the last residual and the model's own logits at one position."""
 
     def keep(name: str):
@@ -448,7 +449,7 @@ def _check_against_model(kept: Mapping[str, Tensor], final_norm: Norm, W_U: Tens
 
 
 def logit_lens(
-    model: Any,
+    model: HookedMLLM,
     batch: Mapping[str, Any],
     *,
     hooks: str | Sequence[str] = "resid_post",
@@ -633,7 +634,7 @@ class LensSummary:
 
 
 def logit_lens_summary(
-    model: Any,
+    model: HookedMLLM,
     samples: Sequence[Sample],
     *,
     positions: str | Sequence[str] = "image",

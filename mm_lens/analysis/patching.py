@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from transformers import Cache
 
 from mm_lens.base.fast_path import agreeing
-from mm_lens.model.inputs import MultimodalBatch
 from mm_lens.base.hooks import block_hook, resolve_layers
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import ModalityMap, position_mask
+from mm_lens.model.hooked import HookedMLLM
+from mm_lens.model.inputs import MultimodalBatch
 
 HOOKS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_act")
 METRICS = ("logit_diff", "prob", "kl")
@@ -117,7 +118,7 @@ class _ResumableRun:
     recorded once; ``logits_from(layer, copies)`` reruns blocks ``layer..`` on ``copies``
     stacked copies, then the final norm and unembedding, with the model's hooks active."""
 
-    def __init__(self, model: Any, batch: MultimodalBatch):
+    def __init__(self, model: HookedMLLM, batch: MultimodalBatch):
         self.bridge = model.bridge
         blocks = self.bridge.blocks
         self.rows = batch["input_ids"].shape[0]
@@ -260,7 +261,7 @@ def _metric_fn(name: str | Callable, clean_logits: Tensor, corrupted_logits: Ten
 
 
 def patch_sweep(
-    model: Any,
+    model: HookedMLLM,
     clean: MultimodalBatch,
     corrupted: MultimodalBatch,
     *,
@@ -382,7 +383,7 @@ class FixedInputs:
     The token ids passed in must be the batch's own (TL passes the corrupted tokens back).
     """
 
-    def __init__(self, model: Any, batch: MultimodalBatch):
+    def __init__(self, model: HookedMLLM, batch: MultimodalBatch):
         self.model, self.batch = model, batch
         self.cfg = model.cfg
         self.training = False
@@ -405,6 +406,6 @@ class FixedInputs:
         return self
 
 
-def with_inputs(model: Any, batch: MultimodalBatch) -> FixedInputs:
+def with_inputs(model: HookedMLLM, batch: MultimodalBatch) -> FixedInputs:
     """``model`` with ``batch``'s images bound, for ``transformer_lens.patching`` functions."""
     return FixedInputs(model, batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping, Sequence
 
+from mm_lens.model.hooked import HookedMLLM
 from mm_lens.model.inputs import sample_prompt
 
 Sample = Mapping[str, Any]  # "question" (str), "image" (PIL image, list of them, or None), "domain" (str)
@@ -33,12 +34,12 @@ def chunk_media(chunk: Sequence[Sample]) -> dict[str, list[Any]]:
     return media
 
 
-def prompt_batch(model: Any, chunk: Sequence[Sample]) -> Any:
+def prompt_batch(model: HookedMLLM, chunk: Sequence[Sample]) -> Any:
     """The model batch of some samples' questions and media (chat template, left padding)."""
     return model.prepare_inputs([s["question"] for s in chunk], **chunk_media(chunk))
 
 
-def chat_prompt(model: Any, sample: Sample) -> str:
+def chat_prompt(model: HookedMLLM, sample: Sample) -> str:
     """The chat prompt ``prompt_batch`` builds for one sample, as text."""
     return sample_prompt(model.processor, sample["question"], sample.get("image"), videos=sample.get("video"), audios=sample.get("audio"))
 

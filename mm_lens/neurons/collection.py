@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from mm_lens.model.hooked import HookedMLLM
 from mm_lens.model.samples import Sample, prompt_batch, sample_column
 from mm_lens.neurons.statistics import NeuronStats, NeuronStatsCollector
+
 
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -20,7 +22,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 def collect_neuron_stats(
-    model: Any,
+    model: HookedMLLM,
     samples: Sequence[Sample],
     *,
     domains: Sequence[str] | None = None,

@@ -54,6 +54,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mm_lens.base.modality import ModalityMap, position_mask, position_names
+from mm_lens.model.hooked import HookedMLLM
 
 __all__ = ["MODES", "deactivated", "deactivation_hooks", "neuron_dict"]
 
@@ -207,7 +208,7 @@ def _make_hook(
 
 
 def deactivation_hooks(
-    model: Any,
+    model: HookedMLLM,
     neurons: Neurons | Any,
     *,
     mode: str = "zero",
@@ -293,7 +294,7 @@ def deactivation_hooks(
 
 
 @contextlib.contextmanager
-def deactivated(model: Any, neurons: Neurons | Any, **kwargs: Any) -> Iterator[Any]:
+def deactivated(model: HookedMLLM, neurons: Neurons | Any, **kwargs: Any) -> Iterator[Any]:
     """Deactivate ``neurons`` in every call made inside (forward, ``run_with_cache``,
     ``model.generate``); keyword arguments as in ``deactivation_hooks``."""
     with model.hooks(fwd_hooks=deactivation_hooks(model, neurons, **kwargs)):

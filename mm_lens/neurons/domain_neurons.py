@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from mm_lens.neurons.neuron_set import NeuronSet
 from mm_lens.neurons.lape import lape_select
+from mm_lens.neurons.neuron_set import NeuronSet
 from mm_lens.neurons.statistics import NeuronStats
 
 

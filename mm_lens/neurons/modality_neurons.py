@@ -17,12 +17,22 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mm_lens.model.samples import Sample, prompt_batch, sample_chunks
 from mm_lens.base.hooks import block_hook, parse_block_hook
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import ModalityMap, position_mask, position_names
+from mm_lens.model.hooked import HookedMLLM
+from mm_lens.model.samples import Sample, prompt_batch, sample_chunks
+from mm_lens.neurons.miner import (
+    DEFAULT_METRIC_WEIGHTS,
+    MINER_METRICS,
+    ScoreAccumulator,
+    combine_datasets,
+    importance_scores,
+    miner_select,
+    weighted_score,
+)
 from mm_lens.neurons.neuron_set import NeuronSet
-from mm_lens.neurons.miner import DEFAULT_METRIC_WEIGHTS, MINER_METRICS, ScoreAccumulator, combine_datasets, importance_scores, miner_select, weighted_score
+
 
 def modality_masks(mm: ModalityMap, modalities: Sequence[str]) -> dict[str, Bool[Tensor, "batch pos"]]:
     """MINER's modality separation: one mask per position name (``text``, ``image``,
@@ -50,7 +60,7 @@ class MinerScoreCollector:
     public code's unmasked scores with a second softmax.
     """
 
-    def __init__(self, model: Any, modalities: Sequence[str] = ("text", "image"), *, published_attention: bool = False):
+    def __init__(self, model: HookedMLLM, modalities: Sequence[str] = ("text", "image"), *, published_attention: bool = False):
         position_names(modalities, "MINER modalities")
         self.model = model
         self.modalities = tuple(modalities)
@@ -136,7 +146,7 @@ class MinerScores:
 
 
 def collect_miner_scores(
-    model: Any,
+    model: HookedMLLM,
     datasets: Mapping[str, Sequence[Sample]],
     *,
     modalities: Sequence[str] = ("text", "image"),

@@ -29,13 +29,14 @@ from torch import Tensor
 
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import ModalityMap
+from mm_lens.model.hooked import HookedMLLM
 
 POSITION_CLASSES: tuple[str, ...] = ("image", "text", "all", "last")
 MEDIA_CLASSES: tuple[str, ...] = ("image", "video", "audio")
 ALL_POSITION_CLASSES: tuple[str, ...] = POSITION_CLASSES + ("video", "audio", "generated")
 
 
-def default_classes(model: Any) -> tuple[str, ...]:
+def default_classes(model: HookedMLLM) -> tuple[str, ...]:
     """``POSITION_CLASSES`` with the model's encoder modality in place of ``image``
     (``("audio", "text", "all", "last")`` for an audio model)."""
     return (model.spec.encoder_modality, *POSITION_CLASSES[1:])
@@ -174,7 +175,7 @@ class NeuronStatsCollector:
 
     def __init__(
         self,
-        model: Any,
+        model: HookedMLLM,
         domains: Sequence[str],
         modules: Sequence[str] | None = None,
         classes: Sequence[str] | None = None,

@@ -51,9 +51,10 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
-from mm_lens.model.architectures.llava import anyres_grid
 from mm_lens.base.hooks import block_hook
 from mm_lens.base.modality import ModalityMap
+from mm_lens.model.architectures.llava import anyres_grid
+from mm_lens.model.hooked import HookedMLLM
 
 Extent = tuple[float, float, float, float]
 
@@ -145,7 +146,7 @@ class CircuitsView:
 # ---------------------------------------------------------------------------------------
 
 
-def _modality_map(model: Any, batch: Any) -> ModalityMap:
+def _modality_map(model: HookedMLLM, batch: Any) -> ModalityMap:
     mm = getattr(batch, "modality_map", None)
     return mm if mm is not None else model.modality_map(batch)
 
@@ -175,7 +176,7 @@ def image_token_label(mm: ModalityMap, row: int, pos: int) -> str | None:
     return f"<img {image}:{'hi ' if tile >= 1 else ''}r{r}c{c}>"
 
 
-def token_labels(model: Any, batch: Any, row: int = 0) -> list[str]:
+def token_labels(model: HookedMLLM, batch: Any, row: int = 0) -> list[str]:
     """String tokens of the non-padding positions of ``row``; image tokens by their patch."""
     mm = _modality_map(model, batch)
     positions = _kept_positions(batch, mm, row)
@@ -193,7 +194,7 @@ def token_labels(model: Any, batch: Any, row: int = 0) -> list[str]:
 
 
 def attention_view(
-    model: Any,
+    model: HookedMLLM,
     batch: Any,
     layer: int,
     row: int = 0,
@@ -224,7 +225,7 @@ def attention_view(
 
 
 def token_logprobs_view(
-    model: Any,
+    model: HookedMLLM,
     batch: Any,
     row: int = 0,
     top_k: int = 10,
@@ -256,7 +257,7 @@ def token_logprobs_view(
 
 
 def values_view(
-    model: Any, batch: Any, values: Float[Tensor, "batch pos"], row: int = 0, title: str | None = None
+    model: HookedMLLM, batch: Any, values: Float[Tensor, "batch pos"], row: int = 0, title: str | None = None
 ) -> CircuitsView:
     """Tokens of one row coloured by any per-position quantity (e.g. logit-lens entropy)."""
     mm = _modality_map(model, batch)
@@ -269,7 +270,7 @@ def values_view(
 
 
 def top_k_view(
-    model: Any,
+    model: HookedMLLM,
     batch: Any,
     hooks: str | Sequence[str],
     *,
@@ -403,7 +404,7 @@ def _patch_output_size(height: int, width: int, target: tuple[int, int]) -> tupl
     return target_h, min(math.ceil(width * scale_h), target_w)
 
 
-def view_extent(model: Any, image_size: tuple[int, int], view: int = 0, padded_square: bool = False) -> Extent:
+def view_extent(model: HookedMLLM, image_size: tuple[int, int], view: int = 0, padded_square: bool = False) -> Extent:
     """Where a view's grid lies on the original picture of ``image_size`` = (height, width):
     ``(left, right, bottom, top)`` in original pixels (see the module docstring).
     ``padded_square``: the anyres base view of a LLaVA-OneVision image sharing its prompt,
@@ -501,7 +502,7 @@ def patch_heatmap(
 
 
 def heatmap_for(
-    model: Any,
+    model: HookedMLLM,
     batch: Any,
     values: Float[Tensor, "batch pos"],
     image_index: int,

@@ -121,7 +121,7 @@ def test_token_ids_alone_are_refused_instead_of_running_without_the_image(model,
 
 def test_the_canary_passes_working_generation_and_stops_broken_generation(model, batch, monkeypatch):
     from mm_lens.model.architectures.bridge_components import _CacheKeywordAttention
-    from mm_lens.model.generation import check_generation, greedy_without_cache
+    from mm_lens.model.generation_check import check_generation, greedy_without_cache
 
     check_generation(model, batch, max_new_tokens=4)
     assert torch.equal(greedy_without_cache(model, batch, 4), model.generate(batch, max_new_tokens=4).new_tokens)
