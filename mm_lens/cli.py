@@ -5,7 +5,6 @@ report."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -151,33 +150,13 @@ def inspect(
     out: Path = typer.Option(Path("results/inspect"), help="Results folder."),
 ) -> None:
     """Where image tokens sit in a batch, and how each neuron module fires on image vs text tokens."""
-    import torch
-    from safetensors.torch import save_file
+    from mm_lens.pipelines import run_inspect
 
     hooked, available = _load(model, None, None, 1)
     samples = [s for s in available if s["image"] is not None][:2] + [s for s in available if s["image"] is None][:1]
-    batch = hooked.prepare_inputs([s["question"] for s in samples], [s["image"] for s in samples])
-    mm = batch.modality_map
-    typer.echo(mm.summary())
-    hook_names = [name for hooks in hooked.neuron_hooks.values() for name in hooks]
-    with torch.no_grad():
-        _, cache = hooked.run_with_cache(batch, names_filter=hook_names)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors, rows = {}, []
-    image, text = mm.mask("image"), mm.mask("text")
-    for module, hooks in hooked.neuron_hooks.items():
-        for layer, name in enumerate(hooks):
-            act = cache[name]
-            groups = {"image": act[image], "text": act[text]} if name.startswith("blocks.") else {"image": act.flatten(0, -2)}
-            for group, values in groups.items():
-                tensors[f"{module}.{layer}.{group}.mean"] = values.mean(0).contiguous()
-                rows.append({"module": module, "layer": layer, "group": group, "tokens": int(values.shape[0]),
-                             "mean": float(values.mean()), "fraction_positive": float((values > 0).float().mean())})
-    save_file(tensors, str(out / "neuron_means.safetensors"))
-    (out / "summary.json").write_text(json.dumps({"model": str(model), "modality_map": mm.summary(), "neurons": rows}, indent=2))
-    typer.echo(f"{'module':<11} {'layer':>5} {'group':<6} {'tokens':>7} {'mean':>9} {'>0':>6}")
-    for r in rows:
-        typer.echo(f"{r['module']:<11} {r['layer']:>5} {r['group']:<6} {r['tokens']:>7} {r['mean']:>9.4f} {r['fraction_positive']:>6.2f}")
+    run = run_inspect(hooked, samples, out)
+    typer.echo(run.modality_map)
+    typer.echo(run.table())
     typer.echo(f"Results written to {out}/ (summary.json, neuron_means.safetensors)")
 
 

@@ -10,11 +10,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from mm_lens.analysis.convergence import ConvergenceResult, analyze_convergence
 from mm_lens.analysis.evaluation import CrossDomainResult, evaluate_cross_domain
 from mm_lens.analysis.lens import LensSummary, logit_lens_summary
 from mm_lens.analysis.patching import PatchingResult, patch_sweep
+from mm_lens.base.display import text_table
 from mm_lens.base.modality import MODALITIES
 from mm_lens.model.hooked import HookedMLLM
 from mm_lens.model.inputs import answer_token_ids
@@ -22,6 +24,7 @@ from mm_lens.model.samples import (
     Sample,
     chat_prompt,
     first_per_domain,
+    prompt_batch,
     sample_column,
     with_images,
 )
@@ -34,7 +37,7 @@ from mm_lens.neurons.modality_neurons import (
     select_modality_neurons,
 )
 from mm_lens.neurons.neuron_set import NeuronSet
-from mm_lens.neurons.statistics import NeuronStats
+from mm_lens.neurons.statistics import NeuronStats, NeuronStatsCollector
 from mm_lens.presentation.report import HTMLReport
 from mm_lens.presentation.visualize import heatmap_for
 
@@ -336,3 +339,46 @@ def run_logit_lens(
     report.add_figure(figure, "Entropy of the lens distribution per layer (± std over positions), stage boundaries dashed")
     report.save(out / "report.html")
     return LogitLensRun(summary, out)
+
+
+@dataclass
+class InspectRun:
+    """``run_inspect``'s ModalityMap summary and one row per module, layer and token group."""
+
+    modality_map: str
+    rows: list[dict[str, Any]]
+    out: Path
+
+    def table(self) -> str:
+        """Tokens, mean activation and share of positive activations per module, layer and group."""
+        return text_table(
+            ["module", "layer", "group", "tokens", "mean", ">0"],
+            [[r["module"], r["layer"], r["group"], r["tokens"], f"{r['mean']:.4f}", f"{r['fraction_positive']:.2f}"] for r in self.rows],
+        )
+
+
+def run_inspect(model: HookedMLLM, samples: Sequence[Sample], out: str | Path) -> InspectRun:
+    """Where the media tokens of a small batch sit, and how each neuron module fires on
+    image and text positions (streaming statistics, one class per group). Writes
+    ``summary.json`` and ``neuron_means.safetensors`` (mean activation per neuron)."""
+    out = Path(out)
+    batch = prompt_batch(model, samples)
+    domains = ["inspect"] * len(samples)
+    collector = NeuronStatsCollector(model, ["inspect"], classes=(model.spec.encoder_modality, "text"))
+    collector.update(batch, domains)
+    rows, tensors = [], {}
+    for module, stats in collector.stats.modules.items():
+        means, positive = stats.mean(), stats.probability()
+        for layer in range(stats.n_tokens.shape[0]):
+            for c, group in enumerate(collector.stats.classes):
+                tokens = int(stats.n_tokens[layer, 0, c])
+                if tokens == 0:
+                    continue
+                tensors[f"{module}.{layer}.{group}.mean"] = means[layer, 0, c].float().contiguous()
+                rows.append({"module": module, "layer": layer, "group": group, "tokens": tokens,
+                             "mean": float(means[layer, 0, c].mean()), "fraction_positive": float(positive[layer, 0, c].mean())})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "neuron_means.safetensors"))
+    summary = batch.modality_map.summary()
+    (out / "summary.json").write_text(json.dumps({"model": getattr(model.cfg, "model_name", "?"), "modality_map": summary, "neurons": rows}, indent=2))
+    return InspectRun(summary, rows, out)

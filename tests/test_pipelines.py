@@ -78,3 +78,25 @@ def test_run_logit_lens_on_a_model_too_shallow_for_stages_says_so(model, tmp_pat
     text = (tmp_path / "logit_lens.txt").read_text()
     assert "no three-stage split: the model has 2 layer(s)" in text
     assert len(run.summary.layers) == 2 and (tmp_path / "report.html").exists()
+
+
+def test_run_inspect_means_equal_a_cached_forward(model, tmp_path):
+    import torch
+
+    from mm_lens.model.samples import prompt_batch
+    from mm_lens.pipelines import run_inspect
+
+    samples = [s for s in make_samples(2) if s["image"] is not None][:2] + [{"question": "how many", "image": None, "domain": "text"}]
+    run = run_inspect(model, samples, tmp_path)
+    batch = prompt_batch(model, samples)
+    _, cache = model.run_with_cache(batch, names_filter="blocks.1.mlp.hook_act")
+    acts = cache["blocks.1.mlp.hook_act"]
+    for group in ("image", "text"):
+        row = next(r for r in run.rows if (r["module"], r["layer"], r["group"]) == ("lm_mlp", 1, group))
+        values = acts[batch.modality_map.mask(group)]
+        assert row["tokens"] == values.shape[0]
+        assert abs(row["mean"] - float(values.double().mean())) < 1e-5
+        assert abs(row["fraction_positive"] - float((values > 0).double().mean())) < 1e-9
+    assert {r["module"] for r in run.rows} == set(model.neuron_hooks)
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "neuron_means.safetensors").exists()
+    assert "lm_mlp" in run.table()
