@@ -1,20 +1,58 @@
-"""mm_lens: multimodal LLMs as first-class citizens of TransformerLens."""
+"""mm_lens: multimodal LLMs as first-class citizens of TransformerLens.
+
+The public face: load a model (``HookedMLLM``), build batches (``MultimodalBatch``,
+``ModalityMap``), and the analyses' entry points. The rest lives in the layer folders
+(``base``, ``model``, ``neurons``, ``analysis``, ``presentation``; see docs/architecture.md).
+"""
 
 from mm_lens.base.compat import warn_if_untested
 
 warn_if_untested()  # first: an untested transformers may break the imports below
 
-from mm_lens.model.architectures import ARCHITECTURES, UnsupportedArchitectureError
-from mm_lens.model.inputs import MultimodalBatch
-from mm_lens.base.modality import MODALITIES, ImageLayout, ModalityMap
-from mm_lens.model.hooked import HookedMLLM
+from mm_lens.analysis.attention import attention_to_modalities, knockout_effect, knockout_hooks  # noqa: E402
+from mm_lens.analysis.convergence import analyze_convergence  # noqa: E402
+from mm_lens.analysis.evaluation import evaluate_cross_domain, score_answers  # noqa: E402
+from mm_lens.analysis.lens import logit_lens, logit_lens_summary  # noqa: E402
+from mm_lens.analysis.patching import patch_sweep, with_inputs  # noqa: E402
+from mm_lens.base.hooks import block_hook  # noqa: E402
+from mm_lens.base.modality import MODALITIES, POSITIONS, ImageLayout, ModalityMap, position_mask  # noqa: E402
+from mm_lens.model.architectures import ARCHITECTURES, UnsupportedArchitectureError  # noqa: E402
+from mm_lens.model.generation import Generation  # noqa: E402
+from mm_lens.model.hooked import HookedMLLM  # noqa: E402
+from mm_lens.model.inputs import MultimodalBatch  # noqa: E402
+from mm_lens.neurons.collection import collect_neuron_stats  # noqa: E402
+from mm_lens.neurons.deactivation import deactivated, deactivation_hooks  # noqa: E402
+from mm_lens.neurons.domain_neurons import select_domain_neurons  # noqa: E402
+from mm_lens.neurons.modality_neurons import collect_miner_scores, select_modality_neurons  # noqa: E402
+from mm_lens.neurons.neuron_set import NeuronSet  # noqa: E402
 
 __all__ = [
     "ARCHITECTURES",
+    "Generation",
     "HookedMLLM",
     "ImageLayout",
     "MODALITIES",
     "ModalityMap",
     "MultimodalBatch",
+    "NeuronSet",
+    "POSITIONS",
     "UnsupportedArchitectureError",
+    "analyze_convergence",
+    "attention_to_modalities",
+    "block_hook",
+    "collect_miner_scores",
+    "collect_neuron_stats",
+    "deactivated",
+    "deactivation_hooks",
+    "evaluate_cross_domain",
+    "knockout_effect",
+    "knockout_hooks",
+    "logit_lens",
+    "logit_lens_summary",
+    "patch_sweep",
+    "position_mask",
+    "score_answers",
+    "select_domain_neurons",
+    "select_modality_neurons",
+    "with_inputs",
 ]
