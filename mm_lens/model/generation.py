@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
@@ -60,7 +60,7 @@ class Generation:
         return self.cache_batch.modality_map
 
 
-def extend_map(mm: ModalityMap, new_tokens: Int[Tensor, "batch new"], ended: Int[Tensor, "batch new"]) -> ModalityMap:
+def extend_map(mm: ModalityMap, new_tokens: Int[Tensor, "batch new"], ended: Bool[Tensor, "batch new"]) -> ModalityMap:
     """``mm`` followed by ``new_tokens.shape[1]`` positions of kind ``generated`` (``padding``
     where ``ended``: after the row's end of sequence). ``last`` stays the last prompt position."""
     batch, n_new = new_tokens.shape
@@ -89,7 +89,7 @@ def truncate_map(mm: ModalityMap, length: int) -> ModalityMap:
     return replace(mm, **cut)
 
 
-def ended_rows(new_tokens: Int[Tensor, "batch new"], eos_ids: Sequence[int]) -> Int[Tensor, "batch new"]:
+def ended_rows(new_tokens: Int[Tensor, "batch new"], eos_ids: Sequence[int]) -> Bool[Tensor, "batch new"]:
     """True at the positions after each row's first end-of-sequence token."""
     is_eos = torch.isin(new_tokens, torch.tensor(list(eos_ids), dtype=new_tokens.dtype, device=new_tokens.device))
     seen = torch.cumsum(is_eos.long(), dim=1)

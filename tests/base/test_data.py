@@ -22,7 +22,7 @@ from mm_lens.base.data import (
     load_samples,
     vocabulary,
 )
-from mm_lens.model.tiny import build_word_tokenizer
+from mm_lens.model.tiny.common import build_word_tokenizer
 
 
 def pixels(image: Image.Image) -> np.ndarray:

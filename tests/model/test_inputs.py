@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mm_lens import HookedMLLM, UnsupportedArchitectureError
-from mm_lens.model.tiny import build_word_tokenizer
+from mm_lens.model.tiny.common import build_word_tokenizer
 
 
 @pytest.fixture(scope="module")

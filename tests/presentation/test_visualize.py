@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from mm_lens import HookedMLLM
+from mm_lens.model.architectures.geometry import cell_extent
 from mm_lens.presentation.report import remote_references
 from mm_lens.presentation.visualize import (
     CircuitsView,
     attention_view,
-    cell_extent,
     circuitsvis_bundle,
     heatmap_for,
     patch_heatmap,

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from transformer_lens.model_bridge.supported_architectures.gemma3_multimodal import Gemma3MultimodalArchitectureAdapter
 
-from mm_lens.model.architectures import ArchitectureSpec
+from mm_lens.model.architectures.spec import ArchitectureSpec
 from mm_lens.model.architectures.llava import grid_layout, with_neuron_hooks
 from mm_lens.base.modality import ImageLayout
 

@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge.supported_architectures.idefics3 import Idefics3ArchitectureAdapter
 
-from mm_lens.model.architectures import ArchitectureSpec
+from mm_lens.model.architectures.spec import ArchitectureSpec
 from mm_lens.model.architectures.gemma3 import GEMMA3
 from mm_lens.model.architectures.llava import with_neuron_hooks
 from mm_lens.base.modality import ImageLayout

@@ -59,7 +59,7 @@ from transformer_lens.model_bridge.generalized_components.position_embeddings_at
     PositionEmbeddingsAttentionBridge,
 )
 
-from mm_lens.model.architectures import ArchitectureSpec
+from mm_lens.model.architectures.spec import ArchitectureSpec
 from mm_lens.model.architectures.bridge_components import NeuronGatedMLPBridge
 from mm_lens.base.modality import ImageLayout
 

@@ -12,7 +12,7 @@ from transformer_lens.model_bridge.supported_architectures.llava import LlavaArc
 from transformer_lens.model_bridge.supported_architectures.llava_next import LlavaNextArchitectureAdapter
 from transformers.image_processing_utils import select_best_resolution
 
-from mm_lens.model.architectures import ArchitectureSpec
+from mm_lens.model.architectures.spec import ArchitectureSpec
 from mm_lens.model.architectures.bridge_components import NeuronGatedMLPBridge, NeuronProjectorBridge
 from mm_lens.base.modality import ImageLayout
 

@@ -24,7 +24,7 @@ from transformer_lens.model_bridge.generalized_components.base import Generalize
 from transformer_lens.model_bridge.generalized_components.opaque_block import OpaqueBlockBridge
 from transformer_lens.model_bridge.supported_architectures.qwen2_audio import Qwen2AudioArchitectureAdapter
 
-from mm_lens.model.architectures import ArchitectureSpec
+from mm_lens.model.architectures.spec import ArchitectureSpec
 from mm_lens.model.architectures.bridge_components import NeuronGatedMLPBridge
 from mm_lens.base.modality import ImageLayout
 

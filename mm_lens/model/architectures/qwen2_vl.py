@@ -16,7 +16,7 @@ from transformer_lens.model_bridge.generalized_components import LinearBridge, M
 from transformer_lens.model_bridge.supported_architectures.qwen2_5_vl import Qwen2_5_VLArchitectureAdapter
 from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLConfig, Qwen2VLProcessor
 
-from mm_lens.model.architectures import ArchitectureSpec
+from mm_lens.model.architectures.spec import ArchitectureSpec
 from mm_lens.model.architectures.image_text_processor import ImageTextProcessor
 from mm_lens.model.architectures.bridge_components import NeuronGatedMLPBridge, NeuronProjectorBridge
 from mm_lens.base.modality import ImageLayout

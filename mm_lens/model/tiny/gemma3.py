@@ -15,7 +15,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from mm_lens.model.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, vision_settings, word_chat_template
+from mm_lens.model.tiny.common import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, vision_settings, word_chat_template
 
 IMAGE_TOKENS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
 

@@ -15,7 +15,7 @@ from transformers import (
     LlamaConfig,
 )
 
-from mm_lens.model.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, vision_settings, word_chat_template
+from mm_lens.model.tiny.common import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, vision_settings, word_chat_template
 
 MAX_GRID = 6  # the processor names crops <row_1_col_1> .. <row_6_col_6>
 IMAGE_TOKENS = {

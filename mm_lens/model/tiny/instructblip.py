@@ -16,7 +16,7 @@ from transformers import (
     InstructBlipVisionConfig,
 )
 
-from mm_lens.model.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, vision_settings, word_chat_template
+from mm_lens.model.tiny.common import DEFAULT_WORDS, build_word_tokenizer, save_model, vision_settings, word_chat_template
 from mm_lens.model.tiny.llava import llama_text_config
 
 # The processor puts the query tokens before each prompt itself, so the template places none.

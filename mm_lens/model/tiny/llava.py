@@ -19,7 +19,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from mm_lens.model.tiny import CHAT_TEMPLATE, DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, vision_settings
+from mm_lens.model.tiny.common import CHAT_TEMPLATE, DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, vision_settings
 
 
 def clip_vision_config(image_size: int, patch_size: int, width: int, layers: int, **overrides) -> CLIPVisionConfig:

@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from mm_lens.model.architectures.llava_onevision import ImageOnlyLlavaOnevisionProcessor
-from mm_lens.model.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, vision_settings, word_chat_template
+from mm_lens.model.tiny.common import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, vision_settings, word_chat_template
 
 
 def llava_onevision_model_and_processor(

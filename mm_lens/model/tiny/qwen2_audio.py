@@ -15,7 +15,7 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-from mm_lens.model.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, word_chat_template
+from mm_lens.model.tiny.common import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, word_chat_template
 
 AUDIO_TOKENS = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
 

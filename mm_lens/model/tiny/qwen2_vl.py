@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from mm_lens.model.architectures.qwen2_vl import Qwen2_5_VLImageTextProcessor, Qwen2VLImageTextProcessor
-from mm_lens.model.tiny import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, word_chat_template
+from mm_lens.model.tiny.common import DEFAULT_WORDS, build_word_tokenizer, save_model, text_settings, word_chat_template
 
 NAMED_TOKENS = {
     "image_token": "<|image_pad|>",
