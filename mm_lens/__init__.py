@@ -21,13 +21,14 @@ from mm_lens.model.generation import Generation  # noqa: E402
 from mm_lens.model.hooked import HookedMLLM  # noqa: E402
 from mm_lens.model.inputs import MultimodalBatch  # noqa: E402
 from mm_lens.neurons.collection import collect_neuron_stats  # noqa: E402
-from mm_lens.neurons.deactivation import deactivated, deactivation_hooks  # noqa: E402
+from mm_lens.neurons.deactivation import Deactivation, deactivated, deactivation_hooks  # noqa: E402
 from mm_lens.neurons.domain_neurons import select_domain_neurons  # noqa: E402
 from mm_lens.neurons.modality_neurons import collect_miner_scores, select_modality_neurons  # noqa: E402
 from mm_lens.neurons.neuron_set import NeuronSet  # noqa: E402
 
 __all__ = [
     "ARCHITECTURES",
+    "Deactivation",
     "Generation",
     "HookedMLLM",
     "ImageLayout",

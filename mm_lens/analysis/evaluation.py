@@ -13,7 +13,7 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from einops import rearrange, reduce
@@ -34,7 +34,7 @@ from mm_lens.model.samples import (
     sample_chunks,
     sample_column,
 )
-from mm_lens.neurons.deactivation import deactivation_hooks
+from mm_lens.neurons.deactivation import Deactivation
 from mm_lens.neurons.neuron_set import NeuronSet
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -62,7 +62,7 @@ def _greedy_answers(model: HookedMLLM, batch: Any, hooks: list, max_new_tokens: 
         return model.generate(batch, max_new_tokens=max_new_tokens).text
 
 
-def _teacher_forced(model: HookedMLLM, chunk: Sequence[Sample], deactivate: Mapping[str, Any] | None):
+def _teacher_forced(model: HookedMLLM, chunk: Sequence[Sample], deactivate: Deactivation | None):
     """Sum of the answer tokens' log-probabilities and the last layer's residual at the last
     prompt position, with the prompt and the answer in one left-padded forward. Inputs the
     architecture derives from the prompt alone (``spec.prompt_only_inputs``, e.g.
@@ -91,17 +91,15 @@ def _teacher_forced(model: HookedMLLM, chunk: Sequence[Sample], deactivate: Mapp
     return logprob, hidden
 
 
-def _hooks(model: HookedMLLM, batch: Any, deactivate: Mapping[str, Any] | None) -> list:
-    if deactivate is None:
-        return []
-    return deactivation_hooks(model, modality_map=batch.modality_map, **deactivate)
+def _hooks(model: HookedMLLM, batch: Any, deactivate: Deactivation | None) -> list:
+    return [] if deactivate is None else deactivate.hooks(model, batch.modality_map)
 
 
 def score_answers(
     model: HookedMLLM,
     samples: Sequence[Sample],
     *,
-    deactivate: Mapping[str, Any] | None = None,
+    deactivate: Deactivation | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 8,
     progress: bool = False,
@@ -109,8 +107,8 @@ def score_answers(
     """Greedy answers with exact match, teacher-forced answer log-probability (sum over the
     answer's tokens), and the last layer's residual at the last prompt position.
 
-    ``deactivate``: keyword arguments of ``deactivation_hooks`` (``neurons``, ``mode``,
-    ``positions``, ...); hooks are rebuilt per batch with that batch's ModalityMap.
+    ``deactivate``: a ``Deactivation`` (neurons, mode, positions, ...); its hooks are rebuilt
+    per batch with that batch's ModalityMap.
     """
     correct, logprobs, hidden, predictions = [], [], [], []
     chunks = list(sample_chunks(samples, batch_size))
@@ -255,10 +253,9 @@ def evaluate_cross_domain(
     runs += [(f"random{seed}", group, controls[seed]) for seed in seeds for group in groups]
 
     def run(neurons: NeuronSet | None, group: str | None, baseline: AnswerScores | None):
-        deactivate = None if neurons is None else {
-            "neurons": neurons, "groups": None if group is None else [group],
-            "mode": mode, "positions": positions, "complementary": complementary,
-        }
+        deactivate = None if neurons is None else Deactivation(
+            neurons, mode=mode, positions=positions, complementary=complementary, groups=None if group is None else [group]
+        )
         scores = score_answers(model, samples, deactivate=deactivate, batch_size=batch_size, max_new_tokens=max_new_tokens)
         return scores, _per_domain(scores, baseline, labels, domains)
 

@@ -45,6 +45,7 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Sequence
 
@@ -56,7 +57,7 @@ from torch import Tensor
 from mm_lens.base.modality import ModalityMap, position_mask, position_names
 from mm_lens.model.hooked import HookedMLLM
 
-__all__ = ["MODES", "deactivated", "deactivation_hooks", "neuron_dict"]
+__all__ = ["MODES", "Deactivation", "deactivated", "deactivation_hooks", "neuron_dict"]
 
 MODES: tuple[str, ...] = ("zero", "mean", "min", "constant")
 
@@ -291,6 +292,27 @@ def deactivation_hooks(
             mean = None if module_means is None else module_means[layer].detach()[chosen]
             hooks.append((hook_name, _make_hook(chosen, mode, value, mean, layer_mask)))
     return hooks
+
+
+@dataclass(frozen=True)
+class Deactivation:
+    """A deactivation to apply batch after batch: the arguments of ``deactivation_hooks``
+    but the model and the batch's ``modality_map``, which ``hooks`` takes."""
+
+    neurons: Neurons | Any
+    mode: str = "zero"
+    value: float | None = None
+    means: Mapping[str, Float[Tensor, "layer neuron"]] | None = None
+    positions: str | Sequence[str] = "all"
+    complementary: bool = False
+    groups: Sequence[str] | None = None
+
+    def hooks(self, model: HookedMLLM, modality_map: ModalityMap | None = None) -> list[tuple[str, HookFn]]:
+        """The hook pairs for one batch of ``model`` with this ``modality_map``."""
+        return deactivation_hooks(
+            model, self.neurons, mode=self.mode, value=self.value, means=self.means, positions=self.positions,
+            modality_map=modality_map, complementary=self.complementary, groups=self.groups,
+        )
 
 
 @contextlib.contextmanager

@@ -247,3 +247,15 @@ def test_bad_input_raises_a_clear_error(model, batch, case):
     kwargs, message = _bad_inputs(model, batch)[case]
     with pytest.raises(ValueError, match=message):
         deactivation_hooks(model, **kwargs)
+
+
+def test_a_deactivation_spec_builds_the_hooks_deactivation_hooks_builds(model, batch):
+    from mm_lens.neurons.deactivation import Deactivation
+
+    neurons = lm_neurons(model, {0: [1, 4], 1: [2]})
+    spec = Deactivation(neurons, mode="constant", value=3.0, positions=("image", "last"))
+    by_spec = model.run_with_hooks(batch, fwd_hooks=spec.hooks(model, batch.modality_map))
+    direct = model.run_with_hooks(batch, fwd_hooks=deactivation_hooks(
+        model, neurons, mode="constant", value=3.0, positions=("image", "last"), modality_map=batch.modality_map))
+    assert torch.equal(by_spec, direct)
+    assert not torch.equal(by_spec, model(batch))
