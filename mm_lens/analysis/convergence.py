@@ -27,9 +27,10 @@ from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import MODALITIES
 from mm_lens.model.hooked import HookedMLLM
 from mm_lens.model.inputs import answer_token_ids
-from mm_lens.model.samples import Sample, chat_prompt, prompt_batch, sample_chunks
+from mm_lens.model.samples import Sample, Samples, chat_prompt, prompt_batch, sample_chunks
 from mm_lens.neurons.deactivation import deactivated
 from mm_lens.neurons.modality_neurons import modality_masks
+from mm_lens.base.display import new_figure
 from mm_lens.neurons.neuron_set import NeuronSet
 
 
@@ -65,7 +66,7 @@ class ModalityRepresentations:
 
 def modality_representations(
     model: HookedMLLM,
-    samples: Sequence[Sample],
+    samples: Samples,
     modalities: Sequence[str] = ("text", "image"),
     *,
     neurons_off: NeuronSet | None = None,
@@ -135,9 +136,7 @@ class ConvergenceResult:
     def plot(self):
         """Four panels over layers: cosine, CKA, last-token attention, knockout effect; solid
         lines for the baseline, dashed with the neurons off."""
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=(13, 8))
+        figure = new_figure(13, 8)
         axes = figure.subplots(2, 2).flatten()
         styles = {"baseline": "-", "neurons_off": "--"}
         pairs = [(i, j) for i in range(len(self.modalities)) for j in range(i + 1, len(self.modalities))]
@@ -156,7 +155,6 @@ class ConvergenceResult:
             ax.set_title(title)
             ax.set_xlabel("layer")
             ax.legend(fontsize=7)
-        figure.tight_layout()
         return figure
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -191,7 +189,7 @@ def _first_answer_logprob(model: HookedMLLM, chunk: Sequence[Sample], last: Tens
 
 def analyze_convergence(
     model: HookedMLLM,
-    samples: Sequence[Sample],
+    samples: Samples,
     *,
     modalities: Sequence[str] = ("text", "image"),
     neurons: NeuronSet | None = None,

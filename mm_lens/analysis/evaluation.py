@@ -28,6 +28,7 @@ from mm_lens.model.hooked import HookedMLLM
 from mm_lens.model.inputs import answer_token_ids
 from mm_lens.model.samples import (
     Sample,
+    Samples,
     chat_prompt,
     chunk_media,
     prompt_batch,
@@ -35,6 +36,7 @@ from mm_lens.model.samples import (
     sample_column,
 )
 from mm_lens.neurons.deactivation import Deactivation
+from mm_lens.base.display import new_figure
 from mm_lens.neurons.neuron_set import NeuronSet
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -97,7 +99,7 @@ def _hooks(model: HookedMLLM, batch: Any, deactivate: Deactivation | None) -> li
 
 def score_answers(
     model: HookedMLLM,
-    samples: Sequence[Sample],
+    samples: Samples,
     *,
     deactivate: Deactivation | None = None,
     batch_size: int = 8,
@@ -191,11 +193,9 @@ class CrossDomainResult:
 
     def plot(self, metric: str = "accuracy"):
         """Heatmaps of the change with the chosen neurons off and with random ones off."""
-        from matplotlib.figure import Figure
-
         chosen, (random_mean, _) = self.delta(metric), self.random_delta(metric)
         limit = max(float(chosen.abs().max()), float(random_mean.abs().max()), 1e-9)
-        figure = Figure(figsize=(4 + 1.6 * len(self.domains), 0.9 * len(self.groups) + 2.5))
+        figure = new_figure(4 + 1.6 * len(self.domains), 0.9 * len(self.groups) + 2.5)
         axes = figure.subplots(1, 2)
         for ax, values, title in ((axes[0], chosen, "domain neurons off"), (axes[1], random_mean, "random neurons off (mean)")):
             image = ax.imshow(values.numpy(), cmap="RdBu", vmin=-limit, vmax=limit)
@@ -222,7 +222,7 @@ class CrossDomainResult:
 
 def evaluate_cross_domain(
     model: HookedMLLM,
-    samples: Sequence[Sample],
+    samples: Samples,
     neuron_set: NeuronSet,
     *,
     seeds: Sequence[int] = (0, 1, 2),

@@ -55,12 +55,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mm_lens.base.display import new_figure
 from mm_lens.base.fast_path import mismatch, warn_fallback
 from mm_lens.base.hooks import block_hook, resolve_layers
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import position_mask
 from mm_lens.model.hooked import HookedMLLM
-from mm_lens.model.samples import Sample, prompt_batch, sample_chunks, sample_column
+from mm_lens.model.samples import Samples, prompt_batch, sample_chunks, sample_column
 
 RESIDUAL_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 COMPONENT_KINDS: tuple[str, ...] = ("attn_out", "mlp_out")
@@ -582,10 +583,8 @@ class LensSummary:
     def plot(self):
         """Left: mean entropy per layer and domain with a ±1 std band, dashed lines at the
         stage boundaries. Right: the most frequent top token per layer and domain."""
-        from matplotlib.figure import Figure
-
         domains = self._domains_with_data()
-        figure = Figure(figsize=(13, max(4.0, 0.28 * len(self.layers) + 1.5)), layout="constrained")
+        figure = new_figure(13, max(4.0, 0.28 * len(self.layers) + 1.5))
         curves, tokens = figure.subplots(1, 2, width_ratios=[3, 2])
         stages = self.stages() if len(self.layers) >= 3 else {}
         mean, std = self.mean(), self.std()
@@ -635,7 +634,7 @@ class LensSummary:
 
 def logit_lens_summary(
     model: HookedMLLM,
-    samples: Sequence[Sample],
+    samples: Samples,
     *,
     positions: str | Sequence[str] = "image",
     hook: str = "resid_post",

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import Cache
 
+from mm_lens.base.display import new_figure
 from mm_lens.base.fast_path import agreeing
 from mm_lens.base.hooks import block_hook, resolve_layers
 from mm_lens.base.io import load_tensors, save_tensors
@@ -202,9 +203,7 @@ class PatchingResult:
 
     def plot(self, ax=None):
         """Heatmap of the normalised effect, layer x unit."""
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=(max(6, 0.25 * len(self.units) + 2), 0.35 * len(self.layers) + 2)) if ax is None else ax.figure
+        figure = new_figure(max(6, 0.25 * len(self.units) + 2), 0.35 * len(self.layers) + 2) if ax is None else ax.figure
         ax = ax or figure.subplots()
         image = ax.imshow(self.effect.numpy(), aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
         ax.set_yticks(range(len(self.layers)), [str(l) for l in self.layers])

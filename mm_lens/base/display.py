@@ -1,4 +1,5 @@
-"""Small shared helpers for results objects' ``.table()`` and ``.plot()``."""
+"""Small shared helpers for results objects' ``.table()`` and ``.plot()``: every figure of
+mm_lens is made here, without pyplot."""
 
 from __future__ import annotations
 
@@ -18,11 +19,17 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     )
 
 
-def figure_and_axes(ax: Axes | None) -> tuple[Figure, Axes]:
-    """A new pyplot-free figure (no display needed) or the figure of ``ax``."""
-    if ax is not None:
-        return ax.figure, ax
+def new_figure(width: float, height: float) -> Figure:
+    """A pyplot-free figure of ``width`` x ``height`` inches with constrained layout: nothing
+    shown or kept by pyplot's global state; Jupyter displays it when returned, reports embed it."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), layout="constrained")
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def figure_and_axes(ax: Axes | None, size: tuple[float, float] = (6, 4)) -> tuple[Figure, Axes]:
+    """A new figure of ``size`` with one axes (``new_figure``), or the figure of ``ax``."""
+    if ax is not None:
+        return ax.figure, ax
+    fig = new_figure(*size)
     return fig, fig.add_subplot()

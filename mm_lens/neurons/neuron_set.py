@@ -41,7 +41,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mm_lens.base.display import figure_and_axes, text_table
+from mm_lens.base.display import figure_and_axes, new_figure, text_table
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -219,14 +219,15 @@ class NeuronSet:
     @classmethod
     def from_pairs(
         cls,
-        pairs: Mapping[str, Int[Tensor, "k 2"]],
+        pairs: Mapping[str, Tensor],
         module: str,
         n_layers: int,
         width: int,
         metadata: Mapping[str, Any] | None = None,
     ) -> NeuronSet:
-        """From ``miner_select`` output: per group, ``(layer, neuron)`` pairs of one module
-        (any order). ``metadata["method"]`` defaults to ``"miner"``."""
+        """From ``miner_select`` output: per group, ``(layer, neuron)`` pairs ``[k, 2]`` of one
+        module (any order; each group its own ``k``, checked here). ``metadata["method"]``
+        defaults to ``"miner"``."""
         neurons = {}
         for group, p in pairs.items():
             if not isinstance(p, Tensor) or p.ndim != 2 or p.shape[1] != 2:
@@ -560,9 +561,7 @@ class NeuronSet:
 
     def plot(self) -> Figure:
         """``plot_layers`` for every module, side by side."""
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(5 * len(self.modules), 3.5), layout="constrained")
+        fig = new_figure(5 * len(self.modules), 3.5)
         axes = fig.subplots(1, len(self.modules), squeeze=False)[0]
         for m, ax in zip(self.modules, axes):
             self.plot_layers(m, ax=ax)

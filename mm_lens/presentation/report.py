@@ -134,15 +134,11 @@ class HTMLReport:
         self._parts.append("\n".join(out))
         return self
 
-    def add_figure(self, fig: Any, caption: str | None = None, dpi: int = 100, close: bool = False) -> HTMLReport:
-        """A matplotlib figure, embedded as a base64 PNG (``close`` frees it afterwards)."""
+    def add_figure(self, fig: Any, caption: str | None = None, dpi: int = 100) -> HTMLReport:
+        """A matplotlib figure, embedded as a base64 PNG."""
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
         self.add_image(buffer.getvalue(), caption)
-        if close:
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
         return self
 
     def add_image(self, png: bytes | str | Path, caption: str | None = None) -> HTMLReport:

@@ -29,6 +29,7 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
+from mm_lens.base.display import figure_and_axes
 from mm_lens.base.hooks import block_hook
 from mm_lens.base.modality import ModalityMap
 from mm_lens.model.architectures import geometry
@@ -329,16 +330,12 @@ def patch_heatmap(
     ``extent`` = (left, right, bottom, top) in the picture's pixels; by default the grid is
     stretched over the whole picture. Use ``heatmap_for`` to place a model's grid correctly.
     """
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     width, height = image.size
     if extent is None:
         extent = (0.0, float(width), float(height), 0.0)
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 5 * height / max(width, 1) + 0.3))
-    else:
-        fig = ax.figure
+    fig, ax = figure_and_axes(ax, size=(5, 5 * height / max(width, 1) + 0.3))
     ax.imshow(np.asarray(image.convert("RGB")), extent=(0, width, height, 0), interpolation="nearest")
     values = np.ma.masked_invalid(torch.as_tensor(grid).detach().float().cpu().numpy())
     shown = ax.imshow(values, extent=extent, alpha=alpha, cmap=cmap, interpolation="nearest")

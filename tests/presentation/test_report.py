@@ -28,7 +28,7 @@ def test_report_is_one_file_without_remote_references(tmp_path):
     report = HTMLReport("Domain neurons")
     report.add_heading("Views").add_view(tokens_view("first")).add_view(tokens_view("second"))
     report.add_view(colored_tokens(["x", "y"], [1.0, 2.0]))  # circuitsvis' own object
-    report.add_figure(small_figure(), caption="a line", close=True)
+    report.add_figure(small_figure(), caption="a line")
     path = report.save(tmp_path / "out" / "report.html")
     page = path.read_text(encoding="utf-8")
     assert remote_references(page) == []
