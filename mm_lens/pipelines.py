@@ -22,6 +22,7 @@ from mm_lens.model.hooked import HookedMLLM
 from mm_lens.model.inputs import answer_token_ids
 from mm_lens.model.samples import (
     Sample,
+    Samples,
     chat_prompt,
     first_per_domain,
     prompt_batch,
@@ -69,7 +70,7 @@ def _save_figure(figure: Any, path: Path) -> None:
 
 def run_domain_neurons(
     model: HookedMLLM,
-    samples: Sequence[Sample],
+    samples: Samples,
     out: str | Path,
     *,
     top_rate: float = 0.01,
@@ -128,7 +129,7 @@ def run_domain_neurons(
 
 def run_miner(
     model: HookedMLLM,
-    datasets: Mapping[str, Sequence[Sample]],
+    datasets: Mapping[str, Samples],
     out: str | Path,
     *,
     modalities: Sequence[str] = ("text", "image"),
@@ -213,7 +214,7 @@ class PatchingRun:
     out: Path
 
 
-def counterfactual_pair(samples: Sequence[Sample], domain: str | None = None) -> tuple[Sample, Sample]:
+def counterfactual_pair(samples: Samples, domain: str | None = None) -> tuple[Sample, Sample]:
     """Two samples of one domain with the same question, same image size and different
     answers (the first such pair): a clean and a corrupted input for patching."""
     domains = sample_column(samples, "domain")
@@ -234,7 +235,7 @@ def counterfactual_pair(samples: Sequence[Sample], domain: str | None = None) ->
 
 def run_patching(
     model: HookedMLLM,
-    samples: Sequence[Sample],
+    samples: Samples,
     out: str | Path,
     *,
     domain: str | None = None,
@@ -308,7 +309,7 @@ class LogitLensRun:
 
 def run_logit_lens(
     model: HookedMLLM,
-    samples: Sequence[Sample],
+    samples: Samples,
     out: str | Path,
     *,
     positions: str = "image",
@@ -357,7 +358,7 @@ class InspectRun:
         )
 
 
-def run_inspect(model: HookedMLLM, samples: Sequence[Sample], out: str | Path) -> InspectRun:
+def run_inspect(model: HookedMLLM, samples: Samples, out: str | Path) -> InspectRun:
     """Where the media tokens of a small batch sit, and how each neuron module fires on
     image and text positions (streaming statistics, one class per group). Writes
     ``summary.json`` and ``neuron_means.safetensors`` (mean activation per neuron)."""

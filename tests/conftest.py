@@ -9,6 +9,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Every annotation in mm_lens, jaxtyping's shapes and dtypes included, is checked while the
+# tests run: the import hook wraps each function and dataclass of the package in
+# ``helpers.typechecker`` (beartype), so a wrong shape or dtype, in the code or in its
+# annotation, fails a test. It must come before anything imports mm_lens: a module imported
+# earlier is not checked. (tests/base/test_checked_shapes.py shows the hook is on.)
+import jaxtyping
+
+jaxtyping.install_import_hook("mm_lens", "helpers.typechecker")
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText

@@ -1,11 +1,17 @@
 """Test data and references shared by the test modules: random pictures, samples of three
-domains, and HF logits with neurons zeroed by a plain PyTorch hook."""
+domains, HF logits with neurons zeroed by a plain PyTorch hook, and the runtime type
+checker the tests run mm_lens under."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from beartype import BeartypeConf, beartype
 from PIL import Image
+
+# The runtime type checker conftest.py installs on mm_lens: beartype, with PEP 484's
+# numeric tower (an int is a valid ``float``, as for static type checkers).
+typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
 
 
 def random_image(height: int, width: int, seed: int) -> Image.Image:

@@ -76,8 +76,10 @@ __all__ = [
 
 SHARE_NAME = "attention_share"
 
-# a modality name, "last", a tuple of them, or a bool mask [batch, pos]
-Positions = str | Sequence[str] | Bool[Tensor, "batch pos"]
+# a modality name, "last", a tuple of them, or a bool mask [batch, pos]; the mask is a
+# plain Tensor here: position_mask checks its dtype and shape against the batch's map,
+# with a message that says what was expected
+Positions = str | Sequence[str] | Tensor
 HookFn = Callable[[Tensor, Any], Tensor]
 
 

@@ -121,20 +121,23 @@ def _logits(h: Tensor, W_U: Tensor, b_U: Tensor | None, start: int, stop: int) -
 
 
 def lens_logits_stats(
-    resid: Float[Tensor, "pos d_model"],
+    resid: Tensor,
     final_norm: Norm | None,
-    W_U: Float[Tensor, "d_model vocab"],
-    b_U: Float[Tensor, "vocab"] | None = None,
+    W_U: Tensor,
+    b_U: Tensor | None = None,
     *,
-    k: int = 10,
-    targets: Int[Tensor, "pos target"] | None = None,
+    k: object = 10,
+    targets: Tensor | None = None,
     position_chunk: int = 256,
     vocab_chunk: int = 32768,
 ) -> LensStats:
     """Entropy, top-k and target log-probs/ranks of ``softmax(final_norm(resid) @ W_U + b_U)``
     per position, never holding more than ``[position_chunk, vocab_chunk]`` logits.
 
-    ``final_norm`` is applied to ``position_chunk`` rows at a time (None: identity).
+    ``resid`` ``[pos, d_model]``, ``W_U`` ``[d_model, vocab]``, ``b_U`` ``[vocab]``, ``k``
+    an int in ``[1, vocab]``, ``targets`` integer token ids ``[pos, target]``: all checked
+    here (``ValueError`` saying what is wrong). ``final_norm`` is applied to
+    ``position_chunk`` rows at a time (None: identity).
     """
     if resid.ndim != 2:
         raise ValueError(f"resid must be [pos, d_model], got shape {tuple(resid.shape)}; select positions first")
@@ -155,7 +158,21 @@ def lens_logits_stats(
         targets = targets.to(resid.device, torch.long)
     if n_pos == 0:
         raise ValueError("resid holds no position; select at least one")
+    return _lens_logits_stats(resid, final_norm, W_U, b_U, k, targets, position_chunk, vocab_chunk)
 
+
+def _lens_logits_stats(
+    resid: Float[Tensor, "pos d_model"],
+    final_norm: Norm | None,
+    W_U: Float[Tensor, "d_model vocab"],
+    b_U: Float[Tensor, "vocab"] | None,
+    k: int,
+    targets: Int[Tensor, "pos target"] | None,
+    position_chunk: int,
+    vocab_chunk: int,
+) -> LensStats:
+    """``lens_logits_stats`` of checked arguments."""
+    n_pos, vocab = resid.shape[0], W_U.shape[1]
     buffers = _Buffers(min(n_pos, position_chunk) * min(vocab, vocab_chunk), resid.device)
     parts = [
         _stats_of_rows(

@@ -20,13 +20,19 @@ def centered_mean_cosine(
     return unit @ unit.T
 
 
-def linear_cka(x: Float[Tensor, "sample d_x"], y: Float[Tensor, "sample d_y"]) -> Float[Tensor, ""]:
+def linear_cka(x: Tensor, y: Tensor) -> Float[Tensor, ""]:
     """Linear centred kernel alignment (Kornblith et al., 2019) between two representations
-    of the same samples: ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``, in [0, 1]."""
+    ``x`` ``[sample, d_x]`` and ``y`` ``[sample, d_y]`` of the same samples:
+    ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``, in [0, 1]. The sample counts are
+    checked here (``ValueError`` saying what is wrong)."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} samples and y {y.shape[0]}; CKA compares representations of the same samples")
     if x.shape[0] < 2:
         raise ValueError("linear CKA needs at least 2 samples")
+    return _linear_cka(x, y)
+
+
+def _linear_cka(x: Float[Tensor, "sample d_x"], y: Float[Tensor, "sample d_y"]) -> Float[Tensor, ""]:
     xc = x.double() - reduce(x.double(), "sample d -> 1 d", "mean")
     yc = y.double() - reduce(y.double(), "sample d -> 1 d", "mean")
     cross = (yc.T @ xc).norm() ** 2

@@ -38,6 +38,9 @@ from typing import Any
 
 import datasets
 import numpy as np
+# DatasetDict subclasses dict[str, "Dataset"]; a runtime type checker (the tests' beartype)
+# resolves that string in the module of the function it checks: Dataset must be a name here
+from datasets import Dataset, DatasetDict
 from PIL import Image
 
 DOMAINS = ("driving", "medical", "remote", "document", "scene")
@@ -385,7 +388,7 @@ def build_dataset(
     splits: Mapping[str, float] = {"train": 0.8, "test": 0.2},
     domains: Sequence[str] = DOMAINS,
     text_only: int | None = None,
-) -> datasets.DatasetDict:
+) -> DatasetDict:
     """Generate the data and ``save_to_disk`` it at ``folder`` as a ``DatasetDict``.
 
     ``splits`` maps each split to its share of ``n_per_domain`` (and of ``text_only``); each
@@ -433,7 +436,7 @@ def _check_columns(names: Sequence[str], where: str) -> None:
             )
 
 
-def _load_jsonl(path: Path, columns: Mapping[str, str]) -> datasets.Dataset:
+def _load_jsonl(path: Path, columns: Mapping[str, str]) -> Dataset:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"{path} holds no rows")
@@ -453,7 +456,7 @@ def _load_jsonl(path: Path, columns: Mapping[str, str]) -> datasets.Dataset:
 
 def load_samples(
     path: str | Path, split: str | None = None, *, columns: Mapping[str, str] | None = None
-) -> datasets.Dataset:
+) -> Dataset:
     """Image-QA samples from disk, as a ``datasets.Dataset`` whose rows are dicts with a PIL
     ``image`` (or ``None``), ``question``, ``answer`` and ``domain``.
 
@@ -491,14 +494,14 @@ def load_samples(
 DEFAULT_DATA = Path(__file__).parents[1] / "assets" / "default_data"
 
 
-def load_default_samples(split: str = "test") -> datasets.Dataset:
+def load_default_samples(split: str = "test") -> Dataset:
     """The held-out synthetic samples shipped with the default model (all six domains)."""
     if not DEFAULT_DATA.exists():
         raise FileNotFoundError(f"the default data is missing from {DEFAULT_DATA}; run scripts/train_default_model.py")
     return load_samples(DEFAULT_DATA, split)
 
 
-def chance_accuracy(samples: Sequence[Mapping[str, Any]], *, how: str = "majority") -> dict[str, float]:
+def chance_accuracy(samples: Sequence[Mapping[str, Any]] | Dataset, *, how: str = "majority") -> dict[str, float]:
     """Accuracy of guessing without the image, per domain: within each question type (the
     domain itself when there is no ``question_type``) always the most frequent answer
     (``"majority"``) or a uniform pick among the answers seen (``"uniform"``); averaged over the

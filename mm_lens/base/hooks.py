@@ -45,10 +45,11 @@ def is_language_model_hook(name: str) -> bool:
     return _BLOCK.match(name) is not None
 
 
-def resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
-    """The layers a ``layers=`` argument names, in the given order: ``None`` -> every layer,
-    an int -> that layer, a sequence -> its layers. Each must be an integer in
-    ``[0, n_layers)`` and appear once; anything else is a ``ValueError`` saying so."""
+def resolve_layers(layers: object, n_layers: int) -> list[int]:
+    """The layers a ``layers=`` argument (``int | Sequence[int] | None``) names, in the given
+    order: ``None`` -> every layer, an int -> that layer, a sequence -> its layers. Each must
+    be an integer in ``[0, n_layers)`` and appear once; anything else is a ``ValueError``
+    saying so (so ``layers`` is annotated ``object``: this is where it is checked)."""
     if layers is None:
         return list(range(n_layers))
     chosen = [layers] if not isinstance(layers, Sequence) else list(layers)

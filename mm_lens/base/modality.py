@@ -140,13 +140,13 @@ class ModalityMap:
         row = int(self.image_row[image])
         return row, torch.nonzero(self.image[row] == image).flatten()
 
-    def to_grid(
-        self, values: Float[Tensor, "batch pos"], image: int, view: int = 0
-    ) -> Float[Tensor, "rows cols"]:
-        """Place per-position ``values`` of one image on its patch grid (NaN where no token).
+    def to_grid(self, values: Tensor, image: int, view: int = 0) -> Float[Tensor, "rows cols"]:
+        """Place per-position ``values`` ``[batch, pos]`` of one image on its patch grid (NaN
+        where no token).
 
         ``view`` 0 is the base view; 1 the high-resolution grid of an anyres image.
         """
+        # a plain Tensor parameter: its shape is checked here against the map's, with a message
         if values.shape != self.modality.shape:
             raise ValueError(
                 f"values have shape {tuple(values.shape)} but the batch is {self.shape}; "

@@ -268,7 +268,7 @@ class HookedMLLM(torch.nn.Module):
             self.spec.check_inputs(self.hf_model.config, inputs)
         return inputs
 
-    def _split(self, batch: Mapping[str, Any] | None, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _split(self, batch: Mapping[str, Any] | torch.Tensor | None, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Validated (input_ids, other HF kwargs) from a batch and/or keyword inputs."""
         if batch is not None:
             if isinstance(batch, torch.Tensor):

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping, Sequence
 
+import datasets
+
 from mm_lens.model.hooked import HookedMLLM
 from mm_lens.model.inputs import sample_prompt
 
 Sample = Mapping[str, Any]  # "question" (str), "image" (PIL image, list of them, or None), "domain" (str)
+# a list of samples, or an HF dataset of the same columns (its rows are samples; it is no
+# collections.abc.Sequence, so it is named here)
+Samples = Sequence[Sample] | datasets.Dataset
 
 
-def sample_column(samples: Sequence[Sample], name: str) -> list[Any]:
+def sample_column(samples: Samples, name: str) -> list[Any]:
     """One column of a list of dicts or of an HF ``datasets.Dataset``."""
     if hasattr(samples, "column_names"):
         if name not in samples.column_names:
@@ -44,18 +49,18 @@ def chat_prompt(model: HookedMLLM, sample: Sample) -> str:
     return sample_prompt(model.processor, sample["question"], sample.get("image"), videos=sample.get("video"), audios=sample.get("audio"))
 
 
-def sample_chunks(samples: Sequence[Sample], batch_size: int) -> Iterator[tuple[int, list[Sample]]]:
+def sample_chunks(samples: Samples, batch_size: int) -> Iterator[tuple[int, list[Sample]]]:
     """``(start index, samples)`` of consecutive chunks of ``batch_size`` samples."""
     for start in range(0, len(samples), batch_size):
         yield start, [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
 
 
-def with_images(samples: Sequence[Sample]) -> list[Sample]:
+def with_images(samples: Samples) -> list[Sample]:
     """The samples that have an image."""
     return [samples[i] for i, image in enumerate(sample_column(samples, "image")) if image is not None]
 
 
-def first_per_domain(samples: Sequence[Sample], n: int) -> list[Sample]:
+def first_per_domain(samples: Samples, n: int) -> list[Sample]:
     """The first ``n`` samples of each domain, in order."""
     taken: dict[str, int] = {}
     chosen = []

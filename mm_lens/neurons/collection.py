@@ -11,7 +11,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mm_lens.model.hooked import HookedMLLM
-from mm_lens.model.samples import Sample, prompt_batch, sample_column
+from mm_lens.model.samples import Samples, prompt_batch, sample_column
 from mm_lens.neurons.statistics import NeuronStats, NeuronStatsCollector
 
 
@@ -23,7 +23,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 def collect_neuron_stats(
     model: HookedMLLM,
-    samples: Sequence[Sample],
+    samples: Samples,
     *,
     domains: Sequence[str] | None = None,
     modules: Sequence[str] | None = None,

@@ -61,16 +61,19 @@ __all__ = ["MODES", "Deactivation", "deactivated", "deactivation_hooks", "neuron
 
 MODES: tuple[str, ...] = ("zero", "mean", "min", "constant")
 
-# {module: [indices per layer]}; a NeuronSet (anything with .union(groups)) is accepted too
-Neurons = Mapping[str, Sequence[Int[Tensor, "neuron"]]]
+# {module: [indices per layer]}; a NeuronSet (anything with .union(groups)) is accepted too.
+# (A leading _ leaves a dimension unbound: each layer has its own count, each module its own
+# layers and width.)
+Neurons = Mapping[str, Sequence[Int[Tensor, "_index"]]]
+# {module: mean activation [layer, neuron]}
+Means = Mapping[str, Float[Tensor, "_layer _neuron"]]
 HookFn = Callable[[Tensor, Any], Tensor]
 
 
-def neuron_dict(
-    neurons: Neurons | Any, groups: Sequence[str] | None = None
-) -> dict[str, list[Int[Tensor, "neuron"]]]:
+def neuron_dict(neurons: Neurons | Any, groups: Sequence[str] | None = None) -> dict[str, Any]:
     """The ``{module: [indices per layer]}`` form of ``neurons``: the dict itself, or
-    ``neurons.union(groups)`` for a ``NeuronSet`` (all its groups when ``groups`` is None)."""
+    ``neurons.union(groups)`` for a ``NeuronSet`` (all its groups when ``groups`` is None).
+    A dict's values come back as given: ``deactivation_hooks`` checks them, with messages."""
     if isinstance(neurons, Mapping):
         if groups is not None:
             raise ValueError(
@@ -214,7 +217,7 @@ def deactivation_hooks(
     *,
     mode: str = "zero",
     value: float | None = None,
-    means: Mapping[str, Float[Tensor, "layer neuron"]] | None = None,
+    means: Means | None = None,
     positions: str | Sequence[str] = "all",
     modality_map: ModalityMap | None = None,
     complementary: bool = False,
@@ -302,7 +305,7 @@ class Deactivation:
     neurons: Neurons | Any
     mode: str = "zero"
     value: float | None = None
-    means: Mapping[str, Float[Tensor, "layer neuron"]] | None = None
+    means: Means | None = None
     positions: str | Sequence[str] = "all"
     complementary: bool = False
     groups: Sequence[str] | None = None

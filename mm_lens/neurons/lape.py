@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange, reduce
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Float64, Int, Real
 from torch import Tensor
 
 __all__ = ["activation_probability", "lape_entropy", "lape_select"]
@@ -68,11 +68,20 @@ def _check_counts(over_zero: Tensor, n_tokens: Tensor) -> None:
         )
 
 
-def activation_probability(
-    over_zero: Int[Tensor, "layer neuron domain"], n_tokens: Int[Tensor, "domain"]
-) -> Float[Tensor, "layer neuron domain"]:
-    """Share of positions where each neuron fired, per domain (float64). Step 1."""
+def activation_probability(over_zero: Tensor, n_tokens: Tensor) -> Float[Tensor, "layer neuron domain"]:
+    """Share of positions where each neuron fired, per domain (float64). Step 1.
+
+    ``over_zero`` ``[layer, neuron, domain]`` and ``n_tokens`` ``[domain]``: counts, checked
+    here (``ValueError`` saying what is wrong), so they are plain ``Tensor`` parameters.
+    """
     _check_counts(over_zero, n_tokens)
+    return _probability(over_zero, n_tokens)
+
+
+def _probability(
+    over_zero: Real[Tensor, "layer neuron domain"], n_tokens: Real[Tensor, "domain"]
+) -> Float64[Tensor, "layer neuron domain"]:
+    """``activation_probability`` of counts ``_check_counts`` accepted (integer or float)."""
     n = n_tokens.to(device=over_zero.device, dtype=torch.float64)
     return over_zero.double() / rearrange(n, "domain -> 1 1 domain")
 
@@ -85,13 +94,12 @@ def _entropy(p: Float[Tensor, "layer neuron domain"]) -> Float[Tensor, "layer ne
     return -reduce(plogp, "layer neuron domain -> layer neuron", "sum")
 
 
-def lape_entropy(
-    over_zero: Int[Tensor, "layer neuron domain"], n_tokens: Int[Tensor, "domain"]
-) -> Float[Tensor, "layer neuron"]:
+def lape_entropy(over_zero: Tensor, n_tokens: Tensor) -> Float[Tensor, "layer neuron"]:
     """Entropy over domains of each neuron's normalised firing probability. Steps 1-3.
 
     ``p' = p / sum_domains p`` (0 where the neuron never fires), ``H = -sum p' ln p'``
-    with ``0 ln 0 = 0``. Low H: the neuron fires for few domains.
+    with ``0 ln 0 = 0``. Low H: the neuron fires for few domains. Counts as in
+    ``activation_probability``.
     """
     return _entropy(activation_probability(over_zero, n_tokens))
 
@@ -103,12 +111,12 @@ def _kth(values: Float[Tensor, "value"], ratio: float) -> Tensor:
 
 
 def lape_select(
-    over_zero: Int[Tensor, "layer neuron domain"],
-    n_tokens: Int[Tensor, "domain"],
+    over_zero: Tensor,
+    n_tokens: Tensor,
     top_rate: float = 0.01,
     filter_rate: float = 0.95,
     activation_bar_ratio: float = 0.95,
-) -> list[list[Tensor]]:
+) -> list[list[Int[Tensor, "_kept"]]]:
     """Domain-specific neurons of one module: ``result[domain][layer]`` = neuron indices.
 
     1-3. ``p`` = firing probability, ``H`` = its entropy over domains (``lape_entropy``).
@@ -120,6 +128,8 @@ def lape_select(
        ``activation_bar_ratio`` quantile of ``p`` (several domains or none).
     7. Returns, per domain in input order, per layer, a sorted int64 tensor (maybe empty)
        on ``over_zero``'s device.
+
+    Counts as in ``activation_probability``; rates are checked here too (``ValueError``).
     """
     for name, rate in (
         ("top_rate", top_rate),
@@ -128,7 +138,13 @@ def lape_select(
     ):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"{name} is {rate}; pass a fraction in [0, 1]")
-    p = activation_probability(over_zero, n_tokens)
+    return _select(activation_probability(over_zero, n_tokens), top_rate, filter_rate, activation_bar_ratio)
+
+
+def _select(
+    p: Float[Tensor, "layer neuron domain"], top_rate: float, filter_rate: float, activation_bar_ratio: float
+) -> list[list[Int[Tensor, "_kept"]]]:
+    """Steps 4-7 of ``lape_select`` on checked firing probabilities."""
     n_layer, n_neuron, _ = p.shape
     flat_p = rearrange(p, "layer neuron domain -> (layer neuron domain)")
 

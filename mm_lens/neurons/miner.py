@@ -88,8 +88,8 @@ def min_max_normalize(x: Float[Tensor, "*layer neuron"]) -> Float[Tensor, "*laye
 
 
 def importance_scores(
-    act: Float[Tensor, "*layer token neuron"],
-    attn: Float[Tensor, "*layer query key"] | None = None,
+    act: Tensor,
+    attn: Tensor | None = None,
     *,
     published_attention: bool = False,
 ) -> dict[str, Float[Tensor, "*layer neuron"]]:
@@ -101,7 +101,7 @@ def importance_scores(
     causal pattern ``P`` by default, the public code's unmasked ``S`` with
     ``published_attention=True`` (see the module docstring). Returns ``prob``, ``mean``,
     ``max`` and, when ``attn`` is given, ``attn_k`` and ``attn_q``, each ``[*layer, neuron]``
-    in at least float32.
+    in at least float32. Shapes are checked here (``ValueError`` saying what is wrong).
     """
     if act.ndim not in (2, 3):
         raise ValueError(
@@ -117,6 +117,23 @@ def importance_scores(
         raise ValueError(f"act has shape {tuple(act.shape)}; need at least one neuron")
     if published_attention and attn is None:
         raise ValueError("published_attention=True needs attn (the unmasked scores S)")
+    if attn is not None:
+        n_tok = act.shape[-2]
+        if attn.shape != (*act.shape[:-2], n_tok, n_tok):
+            raise ValueError(
+                f"attn has shape {tuple(attn.shape)} but act has shape {tuple(act.shape)}; "
+                f"pass the attention among the same tokens, "
+                f"{list((*act.shape[:-2], n_tok, n_tok))}"
+            )
+    return _importance_scores(act, attn, published_attention)
+
+
+def _importance_scores(
+    act: Float[Tensor, "*layer token neuron"],
+    attn: Float[Tensor, "*layer token token"] | None,
+    published_attention: bool,
+) -> dict[str, Float[Tensor, "*layer neuron"]]:
+    """``importance_scores`` of inputs whose shapes it checked."""
     dtype = torch.promote_types(act.dtype, torch.float32)
     a = act.to(dtype)
 
@@ -126,13 +143,6 @@ def importance_scores(
         "max": reduce(a, "... token neuron -> ... neuron", "max"),
     }
     if attn is not None:
-        n_tok = act.shape[-2]
-        if attn.shape != (*act.shape[:-2], n_tok, n_tok):
-            raise ValueError(
-                f"attn has shape {tuple(attn.shape)} but act has shape {tuple(act.shape)}; "
-                f"pass the attention among the same tokens, "
-                f"{list((*act.shape[:-2], n_tok, n_tok))}"
-            )
         w = attn.to(dtype)
         w_q = w.softmax(dim=-1) if published_attention else w  # normalised over keys
         w_k = w.softmax(dim=-2) if published_attention else w  # normalised over queries
@@ -294,12 +304,12 @@ def _top(values: Float[Tensor, "value"], k: int) -> Int[Tensor, "k"]:
 
 
 def miner_select(
-    scores: Float[Tensor, "modality layer neuron"],
+    scores: Tensor,
     modalities: Sequence[str],
     ratio: float = 0.02,
     strategy: str = "LA_MU",
     seed: int = 0,
-) -> dict[str, Int[Tensor, "k 2"]]:
+) -> dict[str, Int[Tensor, "_pair 2"]]:
     """Modality-specific neurons: per modality, sorted (layer, neuron) pairs (int64).
 
     ``K = int(ratio * L * N)``. ``LA_MU``: each modality takes its own top ``K // M`` over
@@ -307,7 +317,8 @@ def miner_select(
     modalities, each given to the modality that scores it highest. ``LU_MA``: per layer,
     top ``K // L`` cells of the ``[M, N]`` matrix, cell (m, n) going to m. ``uniform``: per
     layer and modality, top ``K // (M * L)``. ``random``: ``K // M`` distinct random
-    neurons per modality (seeded), the control.
+    neurons per modality (seeded), the control. ``scores`` ``[modality, layer, neuron]``
+    and the other arguments are checked here (``ValueError`` saying what is wrong).
     """
     if strategy not in MINER_STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {MINER_STRATEGIES}")
@@ -346,7 +357,14 @@ def miner_select(
             f"{strategy} splits K into {parts} parts, so each part gets none; pass a ratio "
             f"of at least {parts / (n_layers * n_neurons):.3g}"
         )
+    return _select(scores, modalities, k, strategy, seed)
 
+
+def _select(
+    scores: Float[Tensor, "modality layer neuron"], modalities: Sequence[str], k: int, strategy: str, seed: int
+) -> dict[str, Int[Tensor, "_pair 2"]]:
+    """``miner_select`` of checked arguments, ``k`` neurons per part of the strategy."""
+    n_mod, n_layers, n_neurons = scores.shape
     device = scores.device
     flat = rearrange(scores, "modality layer neuron -> modality (layer neuron)")
     chosen: dict[str, list[Tensor]] = {m: [] for m in modalities}  # flat (layer neuron) ids

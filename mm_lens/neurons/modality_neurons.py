@@ -21,7 +21,7 @@ from mm_lens.base.hooks import block_hook, parse_block_hook
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import ModalityMap, position_mask, position_names
 from mm_lens.model.hooked import HookedMLLM
-from mm_lens.model.samples import Sample, prompt_batch, sample_chunks
+from mm_lens.model.samples import Samples, prompt_batch, sample_chunks
 from mm_lens.neurons.miner import (
     DEFAULT_METRIC_WEIGHTS,
     MINER_METRICS,
@@ -147,7 +147,7 @@ class MinerScores:
 
 def collect_miner_scores(
     model: HookedMLLM,
-    datasets: Mapping[str, Sequence[Sample]],
+    datasets: Mapping[str, Samples],
     *,
     modalities: Sequence[str] = ("text", "image"),
     published_attention: bool = False,

@@ -26,6 +26,7 @@ import torch
 from einops import rearrange, reduce
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens import ActivationCache
 
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import ModalityMap
@@ -103,9 +104,10 @@ class NeuronStats:
         """Positions counted per domain (the same at every layer)."""
         return self.modules[module].n_tokens[0, :, self._class_index(position_class)]
 
-    def neuron_means(self, position_class: str = "all", domains: Sequence[str] | None = None) -> dict[str, Float[Tensor, "layer neuron"]]:
+    def neuron_means(self, position_class: str = "all", domains: Sequence[str] | None = None) -> dict[str, Float[Tensor, "_layer _neuron"]]:
         """Mean activation of every neuron, pooled over ``domains`` (default: all), per
-        module: the ``means`` that ``deactivation_hooks(mode="mean")`` takes."""
+        module (``[layer, neuron]``, each module its own sizes): the ``means`` that
+        ``deactivation_hooks(mode="mean")`` takes."""
         c = self._class_index(position_class)
         chosen = list(self.domains) if domains is None else list(domains)
         unknown = [d for d in chosen if d not in self.domains]
@@ -204,7 +206,7 @@ class NeuronStatsCollector:
         with torch.no_grad():
             self.model.run_with_hooks(batch, fwd_hooks=self._reducers(batch, domains), return_type=None)
 
-    def add_cache(self, cache: Mapping[str, Tensor], batch: Any, domains: Sequence[str]) -> None:
+    def add_cache(self, cache: ActivationCache | Mapping[str, Tensor], batch: Any, domains: Sequence[str]) -> None:
         """Add activations already cached for ``batch`` (e.g. by ``run_with_cache``). A cache
         keeps the last call of each hook only: encoder modules need batches with one kind of
         media (``update`` takes any)."""

@@ -51,17 +51,19 @@ def test_two_process_collection_equals_single_process(model_folders, tmp_path):
                 assert torch.allclose(getattr(p, field), getattr(s, field), rtol=1e-12, atol=1e-10), (name, field)
 
 
-class _Interrupting(list):
-    """A sample list that stops the run (as Ctrl-C would) at one index."""
+class _Interrupting(dict):
+    """A sample that stops the run (as Ctrl-C would) when the run reads its question. The
+    stop sits in the sample, not in the list's indexing: the tests' type checker reads a
+    random item of each sequence argument, which must not stop the run."""
 
-    def __init__(self, items, stop_at):
-        super().__init__(items)
-        self.stop_at = stop_at
-
-    def __getitem__(self, index):
-        if index == self.stop_at:
+    def __getitem__(self, key):
+        if key == "question":
             raise KeyboardInterrupt
-        return super().__getitem__(index)
+        return super().__getitem__(key)
+
+
+def _interrupted_at(samples, index):
+    return [*samples[:index], _Interrupting(samples[index]), *samples[index + 1 :]]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ def test_resume_after_interruption_is_bit_identical(model, samples, tmp_path):
     plain = collect_neuron_stats(model, samples, batch_size=2, progress=False)
     path = tmp_path / "stats.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        collect_neuron_stats(model, _Interrupting(samples, stop_at=7), batch_size=2, checkpoint=path, checkpoint_every=1, progress=False)
+        collect_neuron_stats(model, _interrupted_at(samples, 7), batch_size=2, checkpoint=path, checkpoint_every=1, progress=False)
     assert NeuronStats.load(path).metadata["batches_done"] == 3
     resumed = collect_neuron_stats(model, samples, batch_size=2, checkpoint=path, checkpoint_every=1, progress=False)
     assert resumed.equals(plain)

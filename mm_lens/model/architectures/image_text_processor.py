@@ -8,13 +8,14 @@ from HF's own code, no video processor, and a clear error when videos are passed
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, no_type_check
 
 
 class ImageTextProcessor:
     """Mixin: ``class X(ImageTextProcessor, SomeHFProcessor)`` is ``SomeHFProcessor`` for
     images and text only."""
 
+    @no_type_check  # HF reads the parameter names off __init__.__code__: no type-checking wrapper here
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any):
         super().__init__(image_processor, tokenizer, None, **kwargs)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any, Mapping, no_type_check
 
 import torch
 from transformer_lens.model_bridge.supported_architectures.llava_onevision import LlavaOnevisionArchitectureAdapter
@@ -37,6 +37,7 @@ class ImageOnlyLlavaOnevisionProcessor(ImageTextProcessor, LlavaOnevisionProcess
     with ``ImageOnlyLlavaOnevisionProcessor.from_pretrained(folder)`` (a checkpoint's own
     processor files serve)."""
 
+    @no_type_check  # HF reads the parameter names off __init__.__code__: no type-checking wrapper here
     def __init__(  # named, as HF passes a saved processor's settings only to named parameters
         self,
         image_processor: Any = None,
