@@ -179,7 +179,7 @@ class AttentionShare:
         """Write ``path/attention_share.safetensors`` (tensors and settings)."""
         tensors = {"shares": self.shares, "per_row": self.per_row, "n_queries": self.n_queries}
         header = {"layers": self.layers, "modalities": self.modalities, "query": self.query, "metadata": self.metadata}
-        save_tensors(Path(path) / f"{SHARE_NAME}.safetensors", tensors, header)
+        save_tensors(Path(path) / f"{SHARE_NAME}.safetensors", tensors, header, "AttentionShare")
         return Path(path)
 
     @classmethod
@@ -188,7 +188,7 @@ class AttentionShare:
         file = Path(path) / f"{SHARE_NAME}.safetensors"
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found; pass a folder written by AttentionShare.save")
-        tensors, header = load_tensors(file)
+        tensors, header = load_tensors(file, "AttentionShare")
         return cls(tensors["shares"], tensors["per_row"], n_queries=tensors["n_queries"], **header)
 
 

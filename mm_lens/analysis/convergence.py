@@ -160,11 +160,11 @@ class ConvergenceResult:
     def save(self, folder: str | os.PathLike) -> None:
         """``folder/convergence.safetensors``: every curve, modalities and metadata."""
         tensors = {f"{cond}/{name}": t for cond, c in self.curves.items() for name, t in c.items()}
-        save_tensors(Path(folder) / "convergence.safetensors", tensors, {"modalities": self.modalities, "metadata": self.metadata})
+        save_tensors(Path(folder) / "convergence.safetensors", tensors, {"modalities": self.modalities, "metadata": self.metadata}, "ConvergenceResult")
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "ConvergenceResult":
-        tensors, header = load_tensors(Path(folder) / "convergence.safetensors")
+        tensors, header = load_tensors(Path(folder) / "convergence.safetensors", "ConvergenceResult")
         curves: dict[str, dict[str, Tensor]] = {}
         for key, tensor in tensors.items():
             condition, name = key.split("/", 1)

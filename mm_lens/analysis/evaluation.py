@@ -211,11 +211,11 @@ class CrossDomainResult:
     def save(self, folder: str | os.PathLike) -> None:
         """``folder/cross_domain.safetensors``: every matrix, groups, domains and metadata."""
         tensors = {f"{part}/{metric}": getattr(self, part)[metric] for part in ("baseline", "chosen", "random") for metric in METRICS}
-        save_tensors(Path(folder) / "cross_domain.safetensors", tensors, {"groups": self.groups, "domains": self.domains, "metadata": self.metadata})
+        save_tensors(Path(folder) / "cross_domain.safetensors", tensors, {"groups": self.groups, "domains": self.domains, "metadata": self.metadata}, "CrossDomainResult")
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "CrossDomainResult":
-        tensors, header = load_tensors(Path(folder) / "cross_domain.safetensors")
+        tensors, header = load_tensors(Path(folder) / "cross_domain.safetensors", "CrossDomainResult")
         parts = {part: {m: tensors[f"{part}/{m}"] for m in METRICS} for part in ("baseline", "chosen", "random")}
         return cls(header["groups"], header["domains"], metadata=header["metadata"], **parts)
 

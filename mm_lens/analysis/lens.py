@@ -630,17 +630,15 @@ class LensSummary:
         """One safetensors file: tensors, and the rest as JSON in its header (atomic write)."""
         tensors = {name: getattr(self, name) for name in ("n_positions", "n_samples", "entropy_sum", "entropy_sq_sum")}
         header = {
-            "format": "mm_lens.LensSummary", "domains": self.domains, "layers": self.layers, "hook": self.hook, "k": self.k,
+            "domains": self.domains, "layers": self.layers, "hook": self.hook, "k": self.k,
             "metadata": self.metadata, "token_strings": {str(t): s for t, s in self.token_strings.items()},
             "top_counts": {d: [{str(t): c for t, c in layer.items()} for layer in per_layer] for d, per_layer in self.top_counts.items()},
         }
-        save_tensors(path, tensors, header)
+        save_tensors(path, tensors, header, "LensSummary")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LensSummary":
-        tensors, header = load_tensors(path)
-        if header.get("format") != "mm_lens.LensSummary":
-            raise ValueError(f"{path} holds a {header.get('format', 'different mm_lens result')}, not a LensSummary")
+        tensors, header = load_tensors(path, "LensSummary")
         return cls(
             domains=header["domains"], layers=header["layers"], hook=header["hook"], k=header["k"],
             top_counts={d: [{int(t): c for t, c in layer.items()} for layer in per_layer] for d, per_layer in header["top_counts"].items()},

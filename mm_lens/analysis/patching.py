@@ -222,11 +222,11 @@ class PatchingResult:
             "units": [{"label": u.label, "cell": u.cell} for u in self.units], "hook": self.hook,
             "metric_name": self.metric_name, "metadata": self.metadata,
         }
-        save_tensors(Path(folder) / "patching.safetensors", tensors, header)
+        save_tensors(Path(folder) / "patching.safetensors", tensors, header, "PatchingResult")
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "PatchingResult":
-        tensors, header = load_tensors(Path(folder) / "patching.safetensors")
+        tensors, header = load_tensors(Path(folder) / "patching.safetensors", "PatchingResult")
         units = [
             Unit(tensors[f"unit{i}"], u["label"], None if u["cell"] is None else tuple(u["cell"]))
             for i, u in enumerate(header["units"])

@@ -137,11 +137,11 @@ class MinerScores:
 
     def save(self, path: str | os.PathLike) -> None:
         header = {"modalities": self.modalities, "datasets": self.datasets, "metrics": list(self.metrics), "metadata": self.metadata}
-        save_tensors(path, {"scores": self.scores, "present": self.present}, header)
+        save_tensors(path, {"scores": self.scores, "present": self.present}, header, "MinerScores")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MinerScores":
-        tensors, header = load_tensors(path)
+        tensors, header = load_tensors(path, "MinerScores")
         return cls(tensors["scores"], header["modalities"], header["datasets"], tensors["present"], header["metadata"], tuple(header["metrics"]))
 
 

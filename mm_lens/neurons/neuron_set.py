@@ -21,7 +21,7 @@ Decisions:
   ``neurons.safetensors`` holds, per (group, module) by position, the layers' indices
   concatenated (``"{g}/{m}/indices"``) and layer boundaries (``"{g}/{m}/offsets"``), so
   names may contain anything and empty layers need no special case. Each file is written
-  to a temporary file in the same folder and moved into place (``os.replace``).
+  with ``base.io.atomic_write`` (a temporary file moved into place).
 - Plots build a ``matplotlib.figure.Figure`` directly (no pyplot, no backend or display
   needed, nothing shown); pass ``ax`` to draw into your own figure.
 """
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -42,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mm_lens.base.display import figure_and_axes, new_figure, text_table
+from mm_lens.base.io import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -107,19 +107,6 @@ def _check_indices(t: Any, width: int, where: str) -> Tensor:
             f"layer, so indices must lie in [0, {width})"
         )
     return t
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_name)`` into a temporary file next to ``path``, then move it there."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 @dataclass(eq=False)
@@ -460,7 +447,7 @@ class NeuronSet:
             },
         }
         text = json.dumps(header, indent=2)
-        _atomic_write(
+        atomic_write(
             folder / TENSORS_NAME,
             lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}),
         )
@@ -469,7 +456,7 @@ class NeuronSet:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text + "\n")
 
-        _atomic_write(folder / JSON_NAME, write_json)
+        atomic_write(folder / JSON_NAME, write_json)
         return folder
 
     @classmethod

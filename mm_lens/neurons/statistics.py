@@ -140,11 +140,11 @@ class NeuronStats:
         """One safetensors file (groups, modules and metadata in its header), written atomically."""
         tensors = {f"{i}.{name}": t for i, m in enumerate(self.modules.values()) for name, t in m.tensors().items()}
         header = {"domains": list(self.domains), "classes": list(self.classes), "modules": list(self.modules), "metadata": self.metadata}
-        save_tensors(path, tensors, header)
+        save_tensors(path, tensors, header, "NeuronStats")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NeuronStats":
-        tensors, header = load_tensors(path)
+        tensors, header = load_tensors(path, "NeuronStats")
         modules = {
             name: ModuleStats(**{f: tensors[f"{i}.{f}"] for f in _FIELDS}) for i, name in enumerate(header["modules"])
         }
