@@ -33,7 +33,7 @@ def _status_mb(field: str) -> float:
 def child(rival: str, n_pos: int, vocab: int) -> None:
     import torch
 
-    from mm_lens.analysis.lens import lens_logits_stats
+    from mm_lens.analysis.lens_core import lens_logits_stats
 
     g = torch.Generator().manual_seed(0)
     resid = torch.randn(n_pos, D_MODEL, generator=g)

@@ -61,3 +61,12 @@ def hf_logits_with_act_zeroed(hf_model, batch, layer: int, channels: list[int]) 
         return hf_model(**batch).logits
     finally:
         handle.remove()
+
+
+def plateau_fall_tail(n_layers, b1, b2, high=9.0, low=2.0, noise=0.0, seed=0):
+    """High plateau on [0, b1), a linear fall on [b1, b2) (from the plateau's last layer to
+    the tail's first), a low tail on [b2, n)."""
+    layers = torch.arange(n_layers, dtype=torch.float64)
+    fall = high - (high - low) * (layers - b1 + 1) / (b2 - b1 + 1)
+    curve = torch.where(layers < b1, high, torch.where(layers < b2, fall, low))
+    return curve + noise * torch.randn(n_layers, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
