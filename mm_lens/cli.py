@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -17,6 +17,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Interpretabi
 
 MODEL_HELP = "Model folder, or 'default' for the model organism shipped with mm_lens."
 DATA_HELP = "Dataset: a datasets.save_to_disk folder or a folder with data.jsonl; default: the shipped test split."
+# the options every analysis command shares
+ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
+DataOption = Annotated[Optional[Path], typer.Option(help=DATA_HELP)]
+SplitOption = Annotated[Optional[str], typer.Option(help="Split of a multi-split dataset.")]
+LimitOption = Annotated[Optional[int], typer.Option(help="At most this many samples per domain.")]
+SeedsOption = Annotated[str, typer.Option(help="Seeds of the random-neuron controls.")]
 
 
 def _quiet_transformers() -> None:
@@ -48,14 +54,14 @@ def _seeds(seeds: str) -> tuple[int, ...]:
 
 @app.command()
 def neurons(
-    model: str = typer.Option("default", help=MODEL_HELP),
-    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
-    split: Optional[str] = typer.Option(None, help="Split of a multi-split dataset."),
+    model: ModelOption = "default",
+    data: DataOption = None,
+    split: SplitOption = None,
     out: Path = typer.Option(Path("results/neurons"), help="Results folder."),
-    limit: Optional[int] = typer.Option(None, help="At most this many samples per domain."),
+    limit: LimitOption = None,
     top_rate: float = typer.Option(0.01, help="Share of each module's neurons kept (LAPE)."),
     evaluation_samples: int = typer.Option(40, help="Samples per domain for the deactivation evaluation."),
-    seeds: str = typer.Option("0,1,2", help="Seeds of the random-neuron controls."),
+    seeds: SeedsOption = "0,1,2",
     batch_size: int = typer.Option(16),
 ) -> None:
     """Domain-specific neurons (MMNeuron): collect -> select -> deactivate vs random -> evaluate -> report."""
@@ -71,15 +77,15 @@ def neurons(
 
 @app.command()
 def miner(
-    model: str = typer.Option("default", help=MODEL_HELP),
-    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
-    split: Optional[str] = typer.Option(None, help="Split of a multi-split dataset."),
+    model: ModelOption = "default",
+    data: DataOption = None,
+    split: SplitOption = None,
     out: Path = typer.Option(Path("results/miner"), help="Results folder."),
-    limit: Optional[int] = typer.Option(None, help="At most this many samples per domain."),
+    limit: LimitOption = None,
     ratio: float = typer.Option(0.02, help="Share of LM MLP neurons selected (K = ratio * layers * neurons)."),
     strategy: str = typer.Option("LA_MU", help="LA_MU, adaptive, LU_MA, uniform or random."),
     evaluation_samples: int = typer.Option(20, help="Samples per dataset for deactivation and convergence."),
-    seeds: str = typer.Option("0,1,2", help="Seeds of the random-neuron controls."),
+    seeds: SeedsOption = "0,1,2",
     batch_size: int = typer.Option(16),
 ) -> None:
     """Modality-specific neurons (MINER), each domain as a dataset: scores -> selection ->
@@ -100,11 +106,11 @@ def miner(
 
 @app.command("logit-lens")
 def logit_lens(
-    model: str = typer.Option("default", help=MODEL_HELP),
-    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
-    split: Optional[str] = typer.Option(None, help="Split of a multi-split dataset."),
+    model: ModelOption = "default",
+    data: DataOption = None,
+    split: SplitOption = None,
     out: Path = typer.Option(Path("results/logit_lens"), help="Results folder."),
-    limit: Optional[int] = typer.Option(20, help="At most this many samples per domain."),
+    limit: LimitOption = 20,
     batch_size: int = typer.Option(16),
 ) -> None:
     """Logit lens on image tokens: entropy per layer and domain, top-1 tokens, three stages."""
@@ -118,9 +124,9 @@ def logit_lens(
 
 @app.command()
 def patch(
-    model: str = typer.Option("default", help=MODEL_HELP),
-    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
-    split: Optional[str] = typer.Option(None, help="Split of a multi-split dataset."),
+    model: ModelOption = "default",
+    data: DataOption = None,
+    split: SplitOption = None,
     out: Path = typer.Option(Path("results/patch"), help="Results folder."),
     domain: Optional[str] = typer.Option(None, help="Domain to take the image pair from (default: the first)."),
     hook: str = typer.Option("resid_pre", help="resid_pre, resid_mid, resid_post, attn_out, mlp_out or mlp_act."),
@@ -146,7 +152,7 @@ def report(folder: Path = typer.Argument(..., help="A results folder written by 
 
 @app.command()
 def inspect(
-    model: str = typer.Option("default", help=MODEL_HELP),
+    model: ModelOption = "default",
     out: Path = typer.Option(Path("results/inspect"), help="Results folder."),
 ) -> None:
     """Where image tokens sit in a batch, and how each neuron module fires on image vs text tokens."""

@@ -64,6 +64,14 @@ class MinerRun:
     out: Path
 
 
+def _section(report: HTMLReport, heading: str, table: str, *figures: tuple[Any, str]) -> None:
+    """A report section: heading, a text table, then figures with their captions."""
+    report.add_heading(heading)
+    report.add_preformatted(table)
+    for figure, caption in figures:
+        report.add_figure(figure, caption)
+
+
 def _save_figure(figure: Any, path: Path) -> None:
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
@@ -115,14 +123,10 @@ def run_domain_neurons(
 
     report = HTMLReport("Domain-specific neurons (MMNeuron)")
     report.add_text(f"Model: {getattr(model.cfg, 'model_name', '?')}; {len(image_samples)} image samples; domains: {', '.join(stats.domains)}.")
-    report.add_heading("Neurons per domain, module and layer")
-    report.add_preformatted(neurons.table())
-    report.add_figure(layers_figure, "Domain-specific neurons over layers, per module")
-    report.add_figure(overlap_figure, "Neurons shared between domains")
-    report.add_heading("Switching each domain's neurons off, against matched random neurons")
-    report.add_preformatted(evaluation.tables())
-    report.add_figure(accuracy_figure, "Change of greedy exact-match accuracy")
-    report.add_figure(logprob_figure, "Change of answer log-probability")
+    _section(report, "Neurons per domain, module and layer", neurons.table(),
+             (layers_figure, "Domain-specific neurons over layers, per module"), (overlap_figure, "Neurons shared between domains"))
+    _section(report, "Switching each domain's neurons off, against matched random neurons", evaluation.tables(),
+             (accuracy_figure, "Change of greedy exact-match accuracy"), (logprob_figure, "Change of answer log-probability"))
     report.save(out / "report.html")
     return DomainNeuronRun(stats, neurons, evaluation, out)
 
@@ -190,16 +194,12 @@ def run_miner(
     report = HTMLReport("Modality-specific neurons (MINER)")
     report.add_text(f"Datasets: {', '.join(f'{k} ({len(v)})' for k, v in datasets.items())}; modalities: {', '.join(modalities)}; "
                     f"ratio {ratio}, strategy {strategy}.")
-    report.add_heading("Neurons per modality and layer")
-    report.add_preformatted(neurons.table())
-    report.add_figure(layers_figure, "Modality-specific neurons over layers")
-    report.add_figure(overlap_figure, "Neurons shared between modalities")
-    report.add_heading("Switching them off, against matched random neurons")
-    report.add_preformatted(deactivation.tables())
-    report.add_figure(accuracy_figure, "Change of accuracy per dataset")
-    report.add_heading("Convergence of modalities over layers")
-    report.add_preformatted(convergence.table())
-    report.add_figure(convergence_figure, "Solid: as is; dashed: modality-specific neurons off")
+    _section(report, "Neurons per modality and layer", neurons.table(),
+             (layers_figure, "Modality-specific neurons over layers"), (overlap_figure, "Neurons shared between modalities"))
+    _section(report, "Switching them off, against matched random neurons", deactivation.tables(),
+             (accuracy_figure, "Change of accuracy per dataset"))
+    _section(report, "Convergence of modalities over layers", convergence.table(),
+             (convergence_figure, "Solid: as is; dashed: modality-specific neurons off"))
     report.save(out / "report.html")
     return MinerRun(scores, neurons, deactivation, convergence, out)
 
