@@ -23,9 +23,14 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
-from mm_lens.model.inputs import MultimodalBatch
 from mm_lens.base.hooks import block_hook
 from mm_lens.base.modality import ModalityMap, modality_code
+from mm_lens.model.inputs import MultimodalBatch
+
+# inputs with one entry per token position, besides input_ids and attention_mask: answer
+# tokens are text (type 0); position_ids are recomputed by the architecture (derived inputs)
+TOKEN_TYPE_INPUTS = ("token_type_ids", "mm_token_type_ids")
+PER_POSITION_INPUTS = ("input_ids", "attention_mask", "position_ids", *TOKEN_TYPE_INPUTS)
 
 
 @dataclass
@@ -50,8 +55,8 @@ class Generation:
     @property
     def cache_batch(self) -> MultimodalBatch:
         """``batch`` without its last position: the positions ``cache`` covers."""
-        length, full = self.tokens.shape[1] - 1, self.tokens.shape
-        inputs = {k: v[:, :length] if isinstance(v, Tensor) and v.shape[:2] == full else v for k, v in self.batch.inputs.items()}
+        length = self.tokens.shape[1] - 1
+        inputs = {k: v[:, :length] if k in PER_POSITION_INPUTS else v for k, v in self.batch.inputs.items()}
         return MultimodalBatch(inputs, truncate_map(self.batch.modality_map, length))
 
     @property
@@ -108,8 +113,8 @@ def sequence_batch(prompt: MultimodalBatch, new_tokens: Tensor, ended: Tensor, d
             inputs[name] = torch.cat([ids, new_tokens.to(ids.device)], dim=1)
         elif name == "attention_mask":
             inputs[name] = torch.cat([value, (~ended).to(value.dtype).to(value.device)], dim=1)
-        elif isinstance(value, Tensor) and value.shape[:2] == ids.shape:
-            inputs[name] = F.pad(value, (0, 0) * (value.ndim - 2) + (0, n_new))
+        elif name in TOKEN_TYPE_INPUTS:
+            inputs[name] = F.pad(value, (0, n_new))
         else:
             inputs[name] = value
     if derive is not None:
