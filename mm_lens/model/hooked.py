@@ -344,7 +344,8 @@ class HookedMLLM(torch.nn.Module):
         """Continue a batch (a ``MultimodalBatch``, or ``prompts`` with their media as in
         ``prepare_inputs``) with the media, the KV cache and every active hook: greedy by
         default (equal to HF's ``generate`` on the untouched model), or sampling
-        (``do_sample``, ``temperature``, ``top_k``, ``top_p``; seed with ``torch.manual_seed``).
+        (``do_sample``, ``temperature``, ``top_k``, ``top_p``; ``None`` keeps the model's
+        generation config, as HF does; seed with ``torch.manual_seed``).
         Stops at the end-of-sequence token unless ``stop_at_eos=False``. Media placeholder
         tokens are never generated (they would have no features behind them). Other keywords
         go to HF's ``generate`` (e.g. ``suppress_tokens``, added to the media tokens).
@@ -369,7 +370,8 @@ class HookedMLLM(torch.nn.Module):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         tokenizer = self.processor.tokenizer
         config = copy.deepcopy(self.hf_model.generation_config)
-        config.update(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        config.update(**{name: value for name, value in settings.items() if value is not None})  # None: the model's own
         # a generated media placeholder would have no features behind it: never produce one
         media_ids = list(self.spec.token_ids(self.hf_model.config).values())
         config.suppress_tokens = sorted(set(media_ids) | set(generate_kwargs.pop("suppress_tokens", None) or []))

@@ -147,3 +147,13 @@ def test_neuron_statistics_over_generated_answers_equal_a_full_forward(model, ba
     assert ours.n_tokens[0, :, 0].tolist() == [3, 3]  # four answer tokens, the last never fed back
     assert torch.equal(ours.n_tokens, reference.n_tokens) and torch.equal(ours.over_zero, reference.over_zero)
     assert torch.allclose(ours.sum, reference.sum, atol=1e-4)
+
+
+def test_sampling_defaults_are_hf_defaults(model, hf_reference, batch):
+    """Unset top_k/top_p keep the model's generation config (HF samples with top_k=50)."""
+    torch.manual_seed(5)
+    ours = model.generate(batch, max_new_tokens=6, do_sample=True, temperature=1.5).tokens
+    torch.manual_seed(5)
+    reference = hf_reference.generate(**batch, max_new_tokens=6, do_sample=True, temperature=1.5,
+                                      pad_token_id=model.processor.tokenizer.pad_token_id, suppress_tokens=media_ids(model))
+    assert torch.equal(ours, reference)
