@@ -157,3 +157,15 @@ def test_sampling_defaults_are_hf_defaults(model, hf_reference, batch):
     reference = hf_reference.generate(**batch, max_new_tokens=6, do_sample=True, temperature=1.5,
                                       pad_token_id=model.processor.tokenizer.pad_token_id, suppress_tokens=media_ids(model))
     assert torch.equal(ours, reference)
+
+
+def test_logit_lens_reads_the_generated_answer(model, batch):
+    """The lens on a generation's answer positions: at the last layer, the model's own log-probs there."""
+    from mm_lens import logit_lens
+
+    generation = model.generate(batch, max_new_tokens=4, stop_at_eos=False)
+    lens = logit_lens(model, generation.batch, positions="generated", layers=[model.cfg.n_layers - 1], k=1)
+    mm = generation.batch.modality_map
+    assert len(lens.rows) == int(mm.mask("generated").sum()) == 2 * 4
+    log_probs = model(generation.batch).log_softmax(-1)[lens.rows, lens.positions]
+    assert torch.allclose(lens["resid_post"].top_probs[0, :, 0].log(), log_probs.max(-1).values, atol=1e-4)
