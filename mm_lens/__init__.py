@@ -14,7 +14,7 @@ from mm_lens.analysis.convergence import analyze_convergence  # noqa: E402
 from mm_lens.analysis.evaluation import evaluate_cross_domain, score_answers  # noqa: E402
 from mm_lens.analysis.lens import logit_lens, logit_lens_summary  # noqa: E402
 from mm_lens.analysis.patching import patch_sweep, with_inputs  # noqa: E402
-from mm_lens.base.hooks import block_hook  # noqa: E402
+from mm_lens.base.hooks import block_hook, encoder_filter, language_model_filter  # noqa: E402
 from mm_lens.base.modality import MODALITIES, POSITIONS, ImageLayout, ModalityMap, position_mask  # noqa: E402
 from mm_lens.model.architectures import ARCHITECTURES, UnsupportedArchitectureError  # noqa: E402
 from mm_lens.model.generation import Generation  # noqa: E402
@@ -45,9 +45,11 @@ __all__ = [
     "collect_neuron_stats",
     "deactivated",
     "deactivation_hooks",
+    "encoder_filter",
     "evaluate_cross_domain",
     "knockout_effect",
     "knockout_hooks",
+    "language_model_filter",
     "logit_lens",
     "logit_lens_summary",
     "patch_sweep",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 LM_POINTS: dict[str, str] = {
     "resid_pre": "hook_resid_pre",
@@ -43,6 +43,20 @@ def is_language_model_hook(name: str) -> bool:
     """True for the language model's block hooks (``blocks.*``), False for encoder,
     projector and embedding hooks."""
     return _BLOCK.match(name) is not None
+
+
+def language_model_filter(point: str | None = None) -> Callable[[str], bool]:
+    """A ``names_filter`` selecting the language model's block hooks only (``blocks.*``), and
+    among them those ending in ``point`` (a full point or an ``LM_POINTS`` kind): a plain
+    ``lambda n: n.endswith("mlp.hook_post")`` also catches the vision tower's MLPs."""
+    suffix = None if point is None else LM_POINTS.get(point, point)
+    return lambda name: is_language_model_hook(name) and (suffix is None or name.endswith("." + suffix))
+
+
+def encoder_filter(point: str | None = None) -> Callable[[str], bool]:
+    """A ``names_filter`` selecting every hook outside the language model's blocks (vision or
+    audio tower, projector, embeddings), optionally only those ending in ``point``."""
+    return lambda name: not is_language_model_hook(name) and (point is None or name.endswith(point))
 
 
 def resolve_layers(layers: object, n_layers: int) -> list[int]:

@@ -34,3 +34,15 @@ def test_layers_keep_their_order_and_refuse_repeats_and_strangers():
                         ([True], "integer"), (["1"], "integer")]:
         with pytest.raises(ValueError, match=phrase):
             resolve_layers(bad, 4)
+
+
+def test_filters_tell_the_language_model_from_the_encoders():
+    from mm_lens.base.hooks import encoder_filter, language_model_filter
+
+    names = ["blocks.1.mlp.hook_post", "blocks.1.mlp.hook_act", "vision_encoder.encoder_layers.0.mlp.hook_post",
+             "vision_projector.hook_hidden", "hook_embed"]
+    assert [n for n in names if language_model_filter("mlp.hook_post")(n)] == ["blocks.1.mlp.hook_post"]
+    assert [n for n in names if language_model_filter("mlp_act")(n)] == ["blocks.1.mlp.hook_act"]
+    assert [n for n in names if language_model_filter()(n)] == names[:2]
+    assert [n for n in names if encoder_filter("mlp.hook_post")(n)] == ["vision_encoder.encoder_layers.0.mlp.hook_post"]
+    assert [n for n in names if encoder_filter()(n)] == names[2:]

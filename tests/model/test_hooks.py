@@ -103,3 +103,18 @@ def test_neuron_widths_equal_hook_widths(run, arch):
     model, _, cache = run[arch]
     for module, hooks in model.neuron_hooks.items():
         assert all(cache[name].shape[-1] == model.neuron_widths[module] for name in hooks), module
+
+
+def test_transformer_lens_act_names_and_the_language_model_filter_cache_the_lm_only(model, images):
+    from transformer_lens.utilities import get_act_name
+
+    from mm_lens.base.hooks import language_model_filter
+
+    batch = model.prepare_inputs(["what is the color"], [images[0]])
+    _, by_tl_name = model.run_with_cache(batch, names_filter=get_act_name("resid_pre", 1))
+    _, by_alias = model.run_with_cache(batch, names_filter="blocks.1.hook_resid_pre")
+    assert torch.equal(by_tl_name[get_act_name("resid_pre", 1)], by_alias["blocks.1.hook_resid_pre"])
+    _, lm_only = model.run_with_cache(batch, names_filter=language_model_filter("mlp.hook_post"))
+    assert lm_only.keys() and all(name.startswith("blocks.") for name in lm_only.keys())
+    _, naive = model.run_with_cache(batch, names_filter=lambda name: name.endswith("mlp.hook_post"))
+    assert any(name.startswith("vision_encoder.") for name in naive.keys())  # what the helper guards against
