@@ -5,15 +5,68 @@ report."""
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Interpretability of multimodal LLMs on TransformerLens.")
+_settings = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of a user error too.")) -> None:
+    _settings["debug"] = debug
+
+
+class UserError(Exception):
+    """A mistake in the command's options or inputs: one line, exit code 2."""
+
+
+# errors the library raises for bad input (a wrong path, a bad value, an unsupported model)
+_USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``command``; a user error becomes one line on stderr and exit code 2 (the full
+    traceback with ``--debug``); anything else keeps its traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except _USER_ERRORS as error:
+            if _settings["debug"]:
+                raise
+            message = " ".join(str(error).split()) or type(error).__name__
+            print(f"mm-lens {command.__name__.replace('_', '-')}: error: {message}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return run
+
+
+def _check(condition: bool, option: str, message: str) -> None:
+    if not condition:
+        raise UserError(f"{option}: {message}")
+
+
+def _check_common(model: str, data: Optional[Path] = None, limit: Optional[int] = None, batch_size: int = 1) -> None:
+    """The options every analysis command shares, checked before anything is loaded."""
+    _check(model == "default" or Path(model).is_dir(), "--model",
+           f"{model!r} is not a model folder (pass a local folder with config.json, or 'default')")
+    _check(model == "default" or (Path(model) / "config.json").is_file(), "--model", f"{model} has no config.json")
+    _check(data is None or data.exists(), "--data", f"{data} does not exist")
+    _check(limit is None or limit >= 1, "--limit", f"must be at least 1, got {limit}")
+    _check(batch_size >= 1, "--batch-size", f"must be at least 1, got {batch_size}")
+
+
+def _check_fraction(option: str, value: float) -> None:
+    _check(0.0 < value <= 1.0, option, f"must be a fraction in (0, 1], got {value}")
 
 MODEL_HELP = "Model folder, or 'default' for the model organism shipped with mm_lens."
 DATA_HELP = "Dataset: a datasets.save_to_disk folder or a folder with data.jsonl; default: the shipped test split."
@@ -49,10 +102,16 @@ def _load(model: str, data: Optional[Path], split: Optional[str], limit: Optiona
 
 
 def _seeds(seeds: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in seeds.split(",") if s.strip())
+    try:
+        parsed = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--seeds: {seeds!r} is not a comma-separated list of integers") from None
+    _check(bool(parsed), "--seeds", "give at least one seed")
+    return parsed
 
 
 @app.command()
+@_one_line_errors
 def neurons(
     model: ModelOption = "default",
     data: DataOption = None,
@@ -67,8 +126,12 @@ def neurons(
     """Domain-specific neurons (MMNeuron): collect -> select -> deactivate vs random -> evaluate -> report."""
     from mm_lens.pipelines import run_domain_neurons
 
+    _check_common(model, data, limit, batch_size)
+    _check_fraction("--top-rate", top_rate)
+    _check(evaluation_samples >= 1, "--evaluation-samples", f"must be at least 1, got {evaluation_samples}")
+    seeds_ = _seeds(seeds)
     hooked, samples = _load(model, data, split, limit)
-    run = run_domain_neurons(hooked, samples, out, top_rate=top_rate, seeds=_seeds(seeds),
+    run = run_domain_neurons(hooked, samples, out, top_rate=top_rate, seeds=seeds_,
                              evaluation_samples=evaluation_samples, batch_size=batch_size)
     typer.echo(run.neurons.table())
     typer.echo(run.evaluation.table("accuracy"))
@@ -76,6 +139,7 @@ def neurons(
 
 
 @app.command()
+@_one_line_errors
 def miner(
     model: ModelOption = "default",
     data: DataOption = None,
@@ -91,13 +155,19 @@ def miner(
     """Modality-specific neurons (MINER), each domain as a dataset: scores -> selection ->
     deactivation vs random -> convergence -> report."""
     from mm_lens.model.samples import sample_column
+    from mm_lens.neurons.miner import MINER_STRATEGIES
     from mm_lens.pipelines import run_miner
 
+    _check_common(model, data, limit, batch_size)
+    _check_fraction("--ratio", ratio)
+    _check(strategy in MINER_STRATEGIES, "--strategy", f"{strategy!r} is not one of {', '.join(MINER_STRATEGIES)}")
+    _check(evaluation_samples >= 1, "--evaluation-samples", f"must be at least 1, got {evaluation_samples}")
+    seeds_ = _seeds(seeds)
     hooked, samples = _load(model, data, split, limit)
     datasets: dict[str, list] = {}
     for i, domain in enumerate(sample_column(samples, "domain")):
         datasets.setdefault(domain, []).append(samples[i])
-    run = run_miner(hooked, datasets, out, ratio=ratio, strategy=strategy, seeds=_seeds(seeds),
+    run = run_miner(hooked, datasets, out, ratio=ratio, strategy=strategy, seeds=seeds_,
                     evaluation_samples=evaluation_samples, batch_size=batch_size)
     typer.echo(run.neurons.table())
     typer.echo(run.deactivation.table("accuracy"))
@@ -105,6 +175,7 @@ def miner(
 
 
 @app.command("logit-lens")
+@_one_line_errors
 def logit_lens(
     model: ModelOption = "default",
     data: DataOption = None,
@@ -116,6 +187,7 @@ def logit_lens(
     """Logit lens on image tokens: entropy per layer and domain, top-1 tokens, three stages."""
     from mm_lens.pipelines import run_logit_lens
 
+    _check_common(model, data, limit, batch_size)
     hooked, samples = _load(model, data, split, limit)
     run = run_logit_lens(hooked, samples, out, batch_size=batch_size)
     typer.echo(run.summary.table())
@@ -123,6 +195,7 @@ def logit_lens(
 
 
 @app.command()
+@_one_line_errors
 def patch(
     model: ModelOption = "default",
     data: DataOption = None,
@@ -134,8 +207,12 @@ def patch(
 ) -> None:
     """Activation patching across two images with the same question and different answers:
     per layer and position, and per image cell drawn over the picture."""
+    from mm_lens.analysis.patching import HOOKS, METRICS
     from mm_lens.pipelines import run_patching
 
+    _check_common(model, data)
+    _check(hook in HOOKS, "--hook", f"{hook!r} is not one of {', '.join(HOOKS)}")
+    _check(metric in METRICS, "--metric", f"{metric!r} is not one of {', '.join(METRICS)}")
     hooked, samples = _load(model, data, split, None)
     run = run_patching(hooked, samples, out, domain=domain, hook=hook, metric=metric)
     typer.echo(run.description)
@@ -143,14 +220,17 @@ def patch(
 
 
 @app.command()
+@_one_line_errors
 def report(folder: Path = typer.Argument(..., help="A results folder written by another command.")) -> None:
     """(Re)build ``report.html`` of a results folder from the tables and plots in it."""
     from mm_lens.pipelines import folder_report
 
+    _check(folder.is_dir(), "FOLDER", f"{folder} is not a results folder")
     typer.echo(f"Wrote {folder_report(folder)}")
 
 
 @app.command()
+@_one_line_errors
 def inspect(
     model: ModelOption = "default",
     out: Path = typer.Option(Path("results/inspect"), help="Results folder."),
@@ -158,6 +238,7 @@ def inspect(
     """Where image tokens sit in a batch, and how each neuron module fires on image vs text tokens."""
     from mm_lens.pipelines import run_inspect
 
+    _check_common(model)
     hooked, available = _load(model, None, None, 1)
     samples = [s for s in available if s["image"] is not None][:2] + [s for s in available if s["image"] is None][:1]
     run = run_inspect(hooked, samples, out)
@@ -167,6 +248,7 @@ def inspect(
 
 
 @app.command("build-tiny")
+@_one_line_errors
 def build_tiny(
     folder: Path = typer.Argument(..., help="Where to write the model."),
     arch: str = typer.Option("llava_next", help="one of the tiny builders: llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, instructblip, qwen2_audio, gemma3, idefics3"),
@@ -174,8 +256,7 @@ def build_tiny(
     """Write a tiny random-initialised model (weights, tokenizer, processor) to a folder."""
     from mm_lens.model.tiny import TINY_BUILDERS
 
-    if arch not in TINY_BUILDERS:
-        raise typer.BadParameter(f"unknown arch {arch!r}; choose one of {', '.join(TINY_BUILDERS)}")
+    _check(arch in TINY_BUILDERS, "--arch", f"unknown arch {arch!r}; choose one of {', '.join(TINY_BUILDERS)}")
     typer.echo(f"Wrote {TINY_BUILDERS[arch](folder)}")
 
 

@@ -52,3 +52,39 @@ def test_build_tiny_rejects_unknown_arch(tmp_path):
     result = CliRunner().invoke(app, ["build-tiny", str(tmp_path / "m"), "--arch", "gpt2"])
     assert result.exit_code != 0
     assert "unknown arch 'gpt2'" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,phrase",
+    [
+        (["neurons", "--model", "/no/such/model"], "--model: '/no/such/model' is not a model folder"),
+        (["neurons", "--data", "/no/such/data"], "--data: /no/such/data does not exist"),
+        (["neurons", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["neurons", "--top-rate", "-0.5"], "--top-rate: must be a fraction in (0, 1], got -0.5"),
+        (["neurons", "--seeds", "a,b"], "--seeds: 'a,b' is not a comma-separated list of integers"),
+        (["neurons", "--limit", "0"], "--limit: must be at least 1, got 0"),
+        (["miner", "--ratio", "2"], "--ratio: must be a fraction in (0, 1], got 2.0"),
+        (["miner", "--strategy", "best"], "--strategy: 'best' is not one of LA_MU"),
+        (["patch", "--hook", "resid"], "--hook: 'resid' is not one of resid_pre"),
+        (["patch", "--metric", "acc"], "--metric: 'acc' is not one of logit_diff"),
+        (["logit-lens", "--batch-size", "-1"], "--batch-size: must be at least 1, got -1"),
+        (["report", "/no/such/folder"], "FOLDER: /no/such/folder is not a results folder"),
+        (["build-tiny", "FOLDER", "--arch", "gpt2"], "--arch: unknown arch 'gpt2'"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2_and_touch_nothing(tmp_path, args, phrase):
+    out = tmp_path / "out"
+    args = [str(out) if a == "FOLDER" else a for a in args]
+    if args[0] in ("neurons", "miner", "patch", "logit-lens"):
+        args += ["--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and phrase in lines[0], result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_debug_shows_the_traceback_of_a_user_error():
+    result = CliRunner().invoke(app, ["--debug", "neurons", "--batch-size", "0"])
+    assert result.exit_code != 0 and result.exception is not None
+    assert "--batch-size: must be at least 1" in str(result.exception)
