@@ -57,8 +57,21 @@ def _booting_with(spec: ArchitectureSpec) -> Iterator[None]:
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str | os.PathLike:
-    """``"default"`` -> the shipped model organism's folder; anything else unchanged."""
+    """``"default"`` -> the shipped model organism's folder; a local folder -> itself, checked
+    at once (it must exist and hold ``config.json``); a hub name is left to HF, and refused
+    at once when the hub is off (``HF_HUB_OFFLINE``) and no such folder exists."""
     if str(name_or_path) != "default":
+        path, text = Path(name_or_path).expanduser(), str(name_or_path)
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        looks_local = isinstance(name_or_path, Path) or text.startswith(("/", ".", "~")) or os.sep + os.sep in text
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{path} holds no config.json; pass a model folder saved with save_pretrained")
+        elif looks_local or offline:
+            raise FileNotFoundError(
+                f"{text} is not a local model folder" + (" (the hub is off: HF_HUB_OFFLINE is set)" if offline and not looks_local else "")
+                + "; pass a folder saved with save_pretrained (config, weights, processor), or 'default'"
+            )
         return name_or_path
     if not (DEFAULT_MODEL / "config.json").exists():
         raise FileNotFoundError(

@@ -97,3 +97,17 @@ def test_dtype_argument_casts_the_model(model_folders, arch, images):
 
 def test_loaded_model_is_in_evaluation_mode(model):
     assert not model.training and not model.hf_model.training
+
+
+def test_model_paths_that_do_not_exist_are_refused_at_once(tmp_path, monkeypatch):
+    from mm_lens.model.hooked import resolve_model
+
+    with pytest.raises(FileNotFoundError, match="/no/such/folder is not a local model folder"):
+        HookedMLLM.from_pretrained("/no/such/folder")
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        HookedMLLM.from_pretrained(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="someorg/somemodel is not a local model folder .the hub is off"):
+        HookedMLLM.from_pretrained("someorg/somemodel")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert resolve_model("someorg/somemodel") == "someorg/somemodel"  # online, a hub name is HF's to resolve
