@@ -32,6 +32,7 @@ def collect_neuron_stats(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 20,
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> NeuronStats:
     """Statistics of every neuron module over ``samples``, grouped by ``sample["domain"]``.
 
@@ -39,7 +40,8 @@ def collect_neuron_stats(
     all-reduced, so every rank returns the statistics of the whole dataset. With
     ``checkpoint`` (a file; one per rank, suffixed ``.rank{r}`` when distributed) the state
     is saved atomically every ``checkpoint_every`` batches and a rerun resumes from it,
-    giving the same statistics as an uninterrupted run.
+    giving the same statistics as an uninterrupted run. NaN or inf in an activation is an
+    error naming the hook and batch unless ``allow_nonfinite``.
     """
     if batch_size < 1 or checkpoint_every < 1:
         raise ValueError("batch_size and checkpoint_every must be >= 1")
@@ -49,7 +51,7 @@ def collect_neuron_stats(
     shard = list(range(rank, len(labels), world))
     batches = [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
 
-    collector = NeuronStatsCollector(model, domains, modules, classes)
+    collector = NeuronStatsCollector(model, domains, modules, classes, allow_nonfinite=allow_nonfinite)
     settings = {
         "n_samples": len(labels), "batch_size": batch_size, "domains": list(domains),
         "modules": list(collector.hooks), "classes": list(collector.stats.classes), "rank": rank, "world_size": world,

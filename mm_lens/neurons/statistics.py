@@ -181,6 +181,8 @@ class NeuronStatsCollector:
         domains: Sequence[str],
         modules: Sequence[str] | None = None,
         classes: Sequence[str] | None = None,
+        *,
+        allow_nonfinite: bool = False,
     ):
         classes = default_classes(model) if classes is None else classes
         unknown = set(classes) - set(ALL_POSITION_CLASSES)
@@ -194,6 +196,8 @@ class NeuronStatsCollector:
         if missing:
             raise ValueError(f"unknown neuron modules {missing}; this model has {', '.join(available)}")
         self.model = model
+        self.allow_nonfinite = allow_nonfinite
+        self.batches = 0  # batches added so far, to name the one that goes wrong
         self.hooks = {m: available[m] for m in modules}
         self.stats = NeuronStats(tuple(domains), tuple(classes), {}, {})
         widths = model.neuron_widths
@@ -205,6 +209,7 @@ class NeuronStatsCollector:
         reduced inside the hooks and never stored."""
         with torch.no_grad():
             self.model.run_with_hooks(batch, fwd_hooks=self._reducers(batch, domains), return_type=None)
+        self.batches += 1
 
     def add_cache(self, cache: ActivationCache | Mapping[str, Tensor], batch: Any, domains: Sequence[str]) -> None:
         """Add activations already cached for ``batch`` (e.g. by ``run_with_cache``). A cache
@@ -218,6 +223,7 @@ class NeuronStatsCollector:
             )
         for name, reduce_into_stats in self._reducers(batch, domains):
             reduce_into_stats(cache[name], None)
+        self.batches += 1
 
     def _reducers(self, batch: Any, domains: Sequence[str]) -> list[tuple[str, Callable]]:
         mm: ModalityMap = batch.modality_map
@@ -236,13 +242,13 @@ class NeuronStatsCollector:
         segments = [_segments(mm, domain_of_row, self.stats.classes, kind) for kind in calls]
         real_rows = {} if spec.encoder_rows is None else spec.encoder_rows(self.model.hf_model.config, batch.inputs)
         return [
-            (name, self._reducer(module, layer, segments, name.startswith("blocks."), real_rows.get(module)))
+            (name, self._reducer(name, module, layer, segments, name.startswith("blocks."), real_rows.get(module)))
             for module, hooks in self.hooks.items()
             for layer, name in enumerate(hooks)
         ]
 
     def _reducer(
-        self, module: str, layer: int, segments: list["_Segments"], on_sequence: bool, real_rows: Tensor | None
+        self, name: str, module: str, layer: int, segments: list["_Segments"], on_sequence: bool, real_rows: Tensor | None
     ) -> Callable:
         """The hook function of one neuron hook for one batch. An encoder hook fires once per
         kind of media (``segments[k]`` describes its ``k``-th call); a language-model hook once."""
@@ -262,6 +268,11 @@ class NeuronStatsCollector:
                 wide = values.double()
                 reduced = ((values > 0).sum(0), wide.sum(0), (wide * wide).sum(0), values.amax(0).double(), values.amin(0).double())
                 fired, total, squares, high, low = (t.to(stats.sum.device) for t in reduced)  # totals live on the CPU
+                if not self.allow_nonfinite and not bool(torch.isfinite(squares).all()):  # any NaN or inf reaches the sum of squares
+                    raise ValueError(
+                        f"hook {name} ({module} layer {layer}) holds NaN or inf activations in batch {self.batches}; "
+                        "they would count as never firing. Check the model and inputs, or pass allow_nonfinite=True"
+                    )
                 for d, c in destinations:
                     stats.over_zero[layer, d, c] += fired
                     stats.sum[layer, d, c] += total

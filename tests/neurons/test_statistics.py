@@ -150,3 +150,26 @@ def test_neuron_means_pool_domains_by_token_counts(model, samples):
     assert torch.allclose(one.double(), stats.modules["projector"].mean()[:, 1, c], atol=1e-6)
     with pytest.raises(ValueError, match="unknown domains"):
         stats.neuron_means(domains=["space"])
+
+
+def test_nan_or_inf_in_an_activation_names_the_hook_layer_and_batch(model, samples):
+    from mm_lens.model.samples import prompt_batch
+
+    batch = prompt_batch(model, samples[:2])
+    labels = [s["domain"] for s in samples[:2]]
+
+    def poison(act, hook, value=float("nan")):
+        act = act.clone()
+        act[0, -1, 3] = value
+        return act
+
+    collector = NeuronStatsCollector(model, DOMAINS, modules=["lm_mlp"])
+    collector.update(batch, labels)  # batch 0 is clean
+    with model.hooks(fwd_hooks=[("blocks.1.mlp.hook_act", poison)]):
+        with pytest.raises(ValueError, match=r"hook blocks\.1\.mlp\.hook_act \(lm_mlp layer 1\) holds NaN or inf activations in batch 1"):
+            collector.update(batch, labels)
+    with model.hooks(fwd_hooks=[("blocks.0.mlp.hook_act", lambda act, hook: poison(act, hook, float("inf")))]):
+        with pytest.raises(ValueError, match="allow_nonfinite=True"):
+            collect_neuron_stats(model, samples[:2], domains=DOMAINS, modules=["lm_mlp"], progress=False)
+        counted = collect_neuron_stats(model, samples[:2], domains=DOMAINS, modules=["lm_mlp"], progress=False, allow_nonfinite=True)
+    assert counted.modules["lm_mlp"].n_tokens.sum() > 0
