@@ -35,7 +35,7 @@ from mm_lens.model.samples import (
     sample_chunks,
     sample_column,
 )
-from mm_lens.neurons.deactivation import Deactivation
+from mm_lens.neurons.deactivation import Deactivation, check_neurons_fit
 from mm_lens.base.display import new_figure
 from mm_lens.neurons.neuron_set import NeuronSet
 
@@ -243,6 +243,7 @@ def evaluate_cross_domain(
     """
     if not seeds:
         raise ValueError("pass at least one seed for the random control")
+    check_neurons_fit(model, neuron_set)  # before any control is drawn from its widths
     labels = sample_column(samples, "domain")
     sample_column(samples, "answer")
     domains = sorted(set(labels))

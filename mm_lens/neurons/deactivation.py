@@ -57,7 +57,7 @@ from torch import Tensor
 from mm_lens.base.modality import ModalityMap, position_mask, position_names
 from mm_lens.model.hooked import HookedMLLM
 
-__all__ = ["MODES", "Deactivation", "deactivated", "deactivation_hooks", "neuron_dict"]
+__all__ = ["MODES", "Deactivation", "check_neurons_fit", "deactivated", "deactivation_hooks", "neuron_dict"]
 
 MODES: tuple[str, ...] = ("zero", "mean", "min", "constant")
 
@@ -211,6 +211,24 @@ def _make_hook(
     return deactivate
 
 
+def check_neurons_fit(model: HookedMLLM, neuron_set: Any) -> None:
+    """Refuse a ``NeuronSet`` made for a model of other widths or layer counts (naming both),
+    so that neither it nor its random controls (drawn from its widths) is applied to this one."""
+    widths, hook_names = getattr(neuron_set, "widths", None), model.neuron_hooks
+    if widths is None:
+        return
+    for module in neuron_set.modules:
+        if module not in hook_names:
+            raise ValueError(f"the neuron set has module {module!r}, which this model lacks (it has {', '.join(hook_names)})")
+        ours = (len(hook_names[module]), model.neuron_widths[module])
+        theirs = (neuron_set.n_layers(module), widths[module])
+        if ours != theirs:
+            raise ValueError(
+                f"the neuron set's {module} is {theirs[0]} layers x {theirs[1]} neurons but this model's is "
+                f"{ours[0]} x {ours[1]}; it was made for another model: select neurons on this one"
+            )
+
+
 def deactivation_hooks(
     model: HookedMLLM,
     neurons: Neurons | Any,
@@ -234,6 +252,7 @@ def deactivation_hooks(
     ``complementary``: deactivate every other neuron of the listed modules instead.
     See the module docstring for vision hooks, generation and the minimum.
     """
+    check_neurons_fit(model, neurons)
     neurons = neuron_dict(neurons, groups)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(repr(m) for m in MODES)}")

@@ -259,3 +259,22 @@ def test_a_deactivation_spec_builds_the_hooks_deactivation_hooks_builds(model, b
         model, neurons, mode="constant", value=3.0, positions=("image", "last"), modality_map=batch.modality_map))
     assert torch.equal(by_spec, direct)
     assert not torch.equal(by_spec, model(batch))
+
+
+def test_a_neuron_set_made_for_another_model_is_refused_naming_both_shapes(model, batch):
+    from mm_lens.neurons.deactivation import check_neurons_fit
+    from mm_lens.neurons.neuron_set import NeuronSet
+
+    layers, width = model.cfg.n_layers, model.neuron_widths["lm_mlp"]
+    fits = NeuronSet({"a": {"lm_mlp": [torch.tensor([1])] * layers}}, {"lm_mlp": width})
+    check_neurons_fit(model, fits)
+    wider = NeuronSet({"a": {"lm_mlp": [torch.tensor([1])] * layers}}, {"lm_mlp": 2 * width})
+    with pytest.raises(ValueError, match=rf"lm_mlp is {layers} layers x {2 * width} neurons but this model's is {layers} x {width}"):
+        deactivation_hooks(model, wider)
+    deeper = NeuronSet({"a": {"lm_mlp": [torch.tensor([1])] * (layers + 2)}}, {"lm_mlp": width})
+    with pytest.raises(ValueError, match=rf"{layers + 2} layers x {width} neurons but this model's is {layers} x {width}"):
+        deactivation_hooks(model, deeper)
+    with pytest.raises(ValueError, match="made for another model"):
+        from mm_lens.analysis.evaluation import evaluate_cross_domain
+
+        evaluate_cross_domain(model, [{"question": "what", "image": None, "answer": "a", "domain": "d"}], wider, progress=False)
