@@ -6,6 +6,7 @@ report."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ class UserError(Exception):
 
 
 # errors the library raises for bad input (a wrong path, a bad value, an unsupported model)
-_USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError)
+_USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,6 +66,13 @@ def _check_common(model: str, data: Optional[Path] = None, limit: Optional[int] 
     _check(batch_size >= 1, "--batch-size", f"must be at least 1, got {batch_size}")
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """A results folder that holds a finished run is refused before anything loads."""
+    manifest = out / "manifest.json"
+    finished = manifest.is_file() and json.loads(manifest.read_text()).get("complete")
+    _check(overwrite or not finished, "--out", f"{out} already holds finished results; pass --overwrite to recompute, or choose another folder")
+
+
 def _check_fraction(option: str, value: float) -> None:
     _check(0.0 < value <= 1.0, option, f"must be a fraction in (0, 1], got {value}")
 
@@ -76,6 +84,7 @@ DataOption = Annotated[Optional[Path], typer.Option(help=DATA_HELP)]
 SplitOption = Annotated[Optional[str], typer.Option(help="Split of a multi-split dataset.")]
 LimitOption = Annotated[Optional[int], typer.Option(help="At most this many samples per domain.")]
 SeedsOption = Annotated[str, typer.Option(help="Seeds of the random-neuron controls.")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Recompute into a folder that already holds results.")]
 
 
 def _quiet_transformers() -> None:
@@ -122,16 +131,18 @@ def neurons(
     evaluation_samples: int = typer.Option(40, help="Samples per domain for the deactivation evaluation."),
     seeds: SeedsOption = "0,1,2",
     batch_size: int = typer.Option(16),
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Domain-specific neurons (MMNeuron): collect -> select -> deactivate vs random -> evaluate -> report."""
     from mm_lens.pipelines import run_domain_neurons
 
+    _check_out(out, overwrite)
     _check_common(model, data, limit, batch_size)
     _check_fraction("--top-rate", top_rate)
     _check(evaluation_samples >= 1, "--evaluation-samples", f"must be at least 1, got {evaluation_samples}")
     seeds_ = _seeds(seeds)
     hooked, samples = _load(model, data, split, limit)
-    run = run_domain_neurons(hooked, samples, out, top_rate=top_rate, seeds=seeds_,
+    run = run_domain_neurons(hooked, samples, out, overwrite=overwrite, top_rate=top_rate, seeds=seeds_,
                              evaluation_samples=evaluation_samples, batch_size=batch_size)
     typer.echo(run.neurons.table())
     typer.echo(run.evaluation.table("accuracy"))
@@ -151,6 +162,7 @@ def miner(
     evaluation_samples: int = typer.Option(20, help="Samples per dataset for deactivation and convergence."),
     seeds: SeedsOption = "0,1,2",
     batch_size: int = typer.Option(16),
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Modality-specific neurons (MINER), each domain as a dataset: scores -> selection ->
     deactivation vs random -> convergence -> report."""
@@ -158,6 +170,7 @@ def miner(
     from mm_lens.neurons.miner import MINER_STRATEGIES
     from mm_lens.pipelines import run_miner
 
+    _check_out(out, overwrite)
     _check_common(model, data, limit, batch_size)
     _check_fraction("--ratio", ratio)
     _check(strategy in MINER_STRATEGIES, "--strategy", f"{strategy!r} is not one of {', '.join(MINER_STRATEGIES)}")
@@ -167,7 +180,7 @@ def miner(
     datasets: dict[str, list] = {}
     for i, domain in enumerate(sample_column(samples, "domain")):
         datasets.setdefault(domain, []).append(samples[i])
-    run = run_miner(hooked, datasets, out, ratio=ratio, strategy=strategy, seeds=seeds_,
+    run = run_miner(hooked, datasets, out, overwrite=overwrite, ratio=ratio, strategy=strategy, seeds=seeds_,
                     evaluation_samples=evaluation_samples, batch_size=batch_size)
     typer.echo(run.neurons.table())
     typer.echo(run.deactivation.table("accuracy"))
@@ -183,13 +196,15 @@ def logit_lens(
     out: Path = typer.Option(Path("results/logit_lens"), help="Results folder."),
     limit: LimitOption = 20,
     batch_size: int = typer.Option(16),
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Logit lens on image tokens: entropy per layer and domain, top-1 tokens, three stages."""
     from mm_lens.pipelines import run_logit_lens
 
+    _check_out(out, overwrite)
     _check_common(model, data, limit, batch_size)
     hooked, samples = _load(model, data, split, limit)
-    run = run_logit_lens(hooked, samples, out, batch_size=batch_size)
+    run = run_logit_lens(hooked, samples, out, overwrite=overwrite, batch_size=batch_size)
     typer.echo(run.summary.table())
     typer.echo(f"Results in {out}/ (report.html, lens.safetensors, *.png)")
 
@@ -204,17 +219,19 @@ def patch(
     domain: Optional[str] = typer.Option(None, help="Domain to take the image pair from (default: the first)."),
     hook: str = typer.Option("resid_pre", help="resid_pre, resid_mid, resid_post, attn_out, mlp_out or mlp_act."),
     metric: str = typer.Option("logit_diff", help="logit_diff, prob or kl."),
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Activation patching across two images with the same question and different answers:
     per layer and position, and per image cell drawn over the picture."""
     from mm_lens.analysis.patching import HOOKS, METRICS
     from mm_lens.pipelines import run_patching
 
+    _check_out(out, overwrite)
     _check_common(model, data)
     _check(hook in HOOKS, "--hook", f"{hook!r} is not one of {', '.join(HOOKS)}")
     _check(metric in METRICS, "--metric", f"{metric!r} is not one of {', '.join(METRICS)}")
     hooked, samples = _load(model, data, split, None)
-    run = run_patching(hooked, samples, out, domain=domain, hook=hook, metric=metric)
+    run = run_patching(hooked, samples, out, overwrite=overwrite, domain=domain, hook=hook, metric=metric)
     typer.echo(run.description)
     typer.echo(f"Results in {out}/ (report.html, by_position/, by_cell/, *.png)")
 

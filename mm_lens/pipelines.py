@@ -17,7 +17,9 @@ from mm_lens.analysis.evaluation import CrossDomainResult, evaluate_cross_domain
 from mm_lens.analysis.lens import LensSummary, logit_lens_summary
 from mm_lens.analysis.patching import PatchingResult, patch_sweep
 from mm_lens.base.display import text_table
+from mm_lens.base.io import close_results_folder, open_results_folder
 from mm_lens.base.modality import MODALITIES
+from mm_lens.model.fingerprint import data_fingerprint, model_fingerprint
 from mm_lens.model.hooked import HookedMLLM
 from mm_lens.model.inputs import answer_token_ids
 from mm_lens.model.samples import (
@@ -37,7 +39,7 @@ from mm_lens.neurons.modality_neurons import (
     collect_miner_scores,
     select_modality_neurons,
 )
-from mm_lens.neurons.neuron_set import NeuronSet
+from mm_lens.neurons.neuron_set import NeuronSet, library_versions
 from mm_lens.neurons.statistics import NeuronStats, NeuronStatsCollector
 from mm_lens.presentation.report import HTMLReport
 from mm_lens.presentation.visualize import heatmap_for
@@ -62,6 +64,13 @@ class MinerRun:
     deactivation: CrossDomainResult
     convergence: ConvergenceResult
     out: Path
+
+
+def _open_results(out: str | Path, command: str, model: HookedMLLM, samples: Samples, settings: Mapping[str, Any], overwrite: bool) -> Path:
+    """Claim the results folder for this run (see ``base.io.open_results_folder``)."""
+    manifest = {"command": command, "model": model_fingerprint(model), "data": data_fingerprint(samples),
+                "settings": dict(settings), "versions": library_versions()}
+    return open_results_folder(out, manifest, overwrite)
 
 
 def _section(report: HTMLReport, heading: str, table: str, *figures: tuple[Any, str]) -> None:
@@ -90,13 +99,15 @@ def run_domain_neurons(
     batch_size: int = 8,
     max_new_tokens: int = 8,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> DomainNeuronRun:
     """MMNeuron end to end on the samples that have an image: statistics of every neuron
     module (checkpointed under ``out``), LAPE selection, and deactivation of each domain's
     neurons against matched random controls, evaluated on the first ``evaluation_samples``
     samples of each domain. Writes tables, tensors, plots and ``report.html``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = dict(top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio, mode=mode,
+                    seeds=list(seeds), evaluation_samples=evaluation_samples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    out = _open_results(out, "neurons", model, samples, settings, overwrite)
     image_samples = with_images(samples)
     if not image_samples:
         raise ValueError("no sample has an image; domain-specific neurons are found on image samples")
@@ -128,6 +139,7 @@ def run_domain_neurons(
     _section(report, "Switching each domain's neurons off, against matched random neurons", evaluation.tables(),
              (accuracy_figure, "Change of greedy exact-match accuracy"), (logprob_figure, "Change of answer log-probability"))
     report.save(out / "report.html")
+    close_results_folder(out)
     return DomainNeuronRun(stats, neurons, evaluation, out)
 
 
@@ -147,6 +159,7 @@ def run_miner(
     batch_size: int = 8,
     max_new_tokens: int = 8,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> MinerRun:
     """MINER end to end: importance scores over ``datasets`` ({name: samples}), selection of
     modality-specific neurons, deactivation per modality and of all of them against matched
@@ -155,8 +168,11 @@ def run_miner(
     Evaluation and convergence use the first ``evaluation_samples`` samples of each dataset
     (samples need an ``answer``).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    every = [sample for name in sorted(datasets) for sample in datasets[name]]
+    settings = dict(datasets=sorted(datasets), modalities=list(modalities), ratio=ratio, strategy=strategy, weights=dict(weights),
+                    mode=mode, seeds=list(seeds), published_attention=published_attention,
+                    evaluation_samples=evaluation_samples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    out = _open_results(out, "miner", model, every, settings, overwrite)
     scores = collect_miner_scores(
         model, datasets, modalities=modalities, published_attention=published_attention, batch_size=batch_size, progress=progress
     )
@@ -201,6 +217,7 @@ def run_miner(
     _section(report, "Convergence of modalities over layers", convergence.table(),
              (convergence_figure, "Solid: as is; dashed: modality-specific neurons off"))
     report.save(out / "report.html")
+    close_results_folder(out)
     return MinerRun(scores, neurons, deactivation, convergence, out)
 
 
@@ -242,11 +259,11 @@ def run_patching(
     hook: str = "resid_pre",
     metric: str = "logit_diff",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PatchingRun:
     """Patch a clean image's activations into a corrupted image's run (same question,
     different answers): per layer and position, and per image cell drawn over the picture."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _open_results(out, "patch", model, samples, dict(domain=domain, hook=hook, metric=metric), overwrite)
     clean_sample, corrupted_sample = counterfactual_pair(samples, domain)
     clean = model.prepare_inputs([clean_sample["question"]], [clean_sample["image"]])
     corrupted = model.prepare_inputs([corrupted_sample["question"]], [corrupted_sample["image"]])
@@ -278,6 +295,7 @@ def run_patching(
     report.add_figure(figure, f"Effect per image cell at layer {strongest}, over the clean picture")
     report.add_figure(by_cell.plot(), "Effect per layer and image cell")
     report.save(out / "report.html")
+    close_results_folder(out)
     return PatchingRun(by_position, by_cell, description, out)
 
 
@@ -315,11 +333,11 @@ def run_logit_lens(
     positions: str = "image",
     batch_size: int = 8,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> LogitLensRun:
     """Logit lens at image positions of the samples with an image: entropy per layer and
     domain, most frequent top-1 tokens, three stages; tables, plot and ``report.html``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _open_results(out, "logit-lens", model, samples, dict(positions=positions, batch_size=batch_size), overwrite)
     image_samples = with_images(samples)
     if not image_samples:
         raise ValueError("no sample has an image; the logit lens on image tokens needs some")
@@ -339,6 +357,7 @@ def run_logit_lens(
     report.add_preformatted(text)
     report.add_figure(figure, "Entropy of the lens distribution per layer (± std over positions), stage boundaries dashed")
     report.save(out / "report.html")
+    close_results_folder(out)
     return LogitLensRun(summary, out)
 
 

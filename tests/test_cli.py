@@ -88,3 +88,12 @@ def test_debug_shows_the_traceback_of_a_user_error():
     result = CliRunner().invoke(app, ["--debug", "neurons", "--batch-size", "0"])
     assert result.exit_code != 0 and result.exception is not None
     assert "--batch-size: must be at least 1" in str(result.exception)
+
+
+def test_rerunning_into_a_finished_folder_changes_nothing_without_overwrite(tmp_path):
+    _run("logit-lens", "--limit", "2", "--out", str(tmp_path))
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    result = CliRunner().invoke(app, ["logit-lens", "--limit", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--out" in result.stderr and "--overwrite" in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    _run("logit-lens", "--limit", "2", "--out", str(tmp_path), "--overwrite")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from helpers import make_samples
@@ -100,3 +102,41 @@ def test_run_inspect_means_equal_a_cached_forward(model, tmp_path):
     assert {r["module"] for r in run.rows} == set(model.neuron_hooks)
     assert (tmp_path / "summary.json").exists() and (tmp_path / "neuron_means.safetensors").exists()
     assert "lm_mlp" in run.table()
+
+
+def test_a_results_folder_is_not_overwritten_without_overwrite(model, tmp_path):
+    from mm_lens.pipelines import run_logit_lens
+
+    samples = make_samples(2)
+    run_logit_lens(model, samples, tmp_path, batch_size=4, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["command"] == "logit-lens"
+    assert set(manifest["model"]) == {"architecture", "config", "weights"} and manifest["data"].startswith("samples:")
+    with pytest.raises(FileExistsError, match="already holds the finished results of `logit-lens`"):
+        run_logit_lens(model, samples, tmp_path, batch_size=4, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before  # nothing changed on disk
+    run_logit_lens(model, samples, tmp_path, batch_size=4, progress=False, overwrite=True)
+    assert (tmp_path / "manifest.json").stat().st_mtime_ns != before["manifest.json"]
+
+
+def test_a_foreign_folder_or_another_unfinished_run_is_refused(model, tmp_path):
+    from mm_lens.pipelines import run_logit_lens
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="files that no mm_lens run wrote"):
+        run_logit_lens(model, make_samples(2), tmp_path, progress=False)
+    other = tmp_path / "run"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"command": "logit-lens", "data": "samples:other:1", "complete": False}))
+    with pytest.raises(FileExistsError, match="unfinished run with another"):
+        run_logit_lens(model, make_samples(2), other, progress=False)
+
+
+def test_a_checkpoint_of_other_data_is_refused_naming_what_differs(model, tmp_path):
+    from mm_lens.neurons.collection import collect_neuron_stats
+
+    checkpoint = tmp_path / "stats.checkpoint.safetensors"
+    collect_neuron_stats(model, make_samples(2), checkpoint=checkpoint, checkpoint_every=1, progress=False)
+    with pytest.raises(ValueError, match=r"belongs to another run \(data: checkpoint 'samples:"):
+        collect_neuron_stats(model, make_samples(2, sizes=((30, 50),)), checkpoint=checkpoint, checkpoint_every=1, progress=False)

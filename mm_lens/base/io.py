@@ -65,3 +65,51 @@ def load_tensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, Tensor],
             f"version {FORMAT_VERSION} (load it with the class that saved it, or save it again with this mm_lens)"
         )
     return tensors, {k: v for k, v in header.items() if k not in ("format", "format_version")}
+
+
+MANIFEST = "manifest.json"
+
+
+def open_results_folder(out: str | os.PathLike, manifest: Mapping[str, Any], overwrite: bool = False) -> Path:
+    """Claim ``out`` for a run described by ``manifest`` (command, model and data
+    fingerprints, settings, versions) and write ``out/manifest.json``.
+
+    A folder that holds finished results, another run's unfinished one, or files mm_lens
+    did not write is refused with ``FileExistsError`` saying what is there, unless
+    ``overwrite`` (then its checkpoints are removed and everything is recomputed). The same
+    run's unfinished folder is taken as is, so its checkpoint resumes."""
+    out = Path(out)
+    path = out / MANIFEST
+    advice = "pass overwrite=True (--overwrite) to recompute, or choose another folder"
+    if out.exists() and not overwrite:
+        if path.is_file():
+            found = json.loads(path.read_text())
+            if found.get("complete"):
+                raise FileExistsError(f"{out} already holds the finished results of `{found.get('command')}`; {advice}")
+            differs = sorted(k for k in set(found) | set(manifest) if k not in ("complete", "versions") and found.get(k) != manifest.get(k))
+            if differs:
+                raise FileExistsError(f"{out} holds an unfinished run with another {', '.join(differs)}; {advice}")
+        elif any(out.iterdir()):
+            raise FileExistsError(f"{out} holds files that no mm_lens run wrote ({MANIFEST} is missing); {advice}")
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for checkpoint in out.glob("*.checkpoint.safetensors*"):
+            checkpoint.unlink()
+    _write_manifest(path, {**manifest, "complete": False})
+    return out
+
+
+def close_results_folder(out: str | os.PathLike) -> None:
+    """Mark the run in ``out`` finished (its manifest's ``complete``)."""
+    path = Path(out) / MANIFEST
+    _write_manifest(path, {**json.loads(path.read_text()), "complete": True})
+
+
+def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
+    text = json.dumps(manifest, indent=2, default=str) + "\n"
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    atomic_write(path, write)

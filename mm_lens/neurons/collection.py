@@ -11,6 +11,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mm_lens.model.hooked import HookedMLLM
+from mm_lens.model.fingerprint import data_fingerprint, model_fingerprint
 from mm_lens.model.samples import Samples, prompt_batch, sample_column
 from mm_lens.neurons.statistics import NeuronStats, NeuronStatsCollector
 
@@ -55,15 +56,19 @@ def collect_neuron_stats(
     settings = {
         "n_samples": len(labels), "batch_size": batch_size, "domains": list(domains),
         "modules": list(collector.hooks), "classes": list(collector.stats.classes), "rank": rank, "world_size": world,
+        "model": model_fingerprint(model), "data": data_fingerprint(samples),
     }
     done = 0
     path = None if checkpoint is None else Path(f"{checkpoint}.rank{rank}" if world > 1 else checkpoint)
     if path is not None and path.exists():
         saved = NeuronStats.load(path)
-        if saved.metadata.get("settings") != settings:
+        theirs = saved.metadata.get("settings") or {}
+        differs = sorted(key for key in set(settings) | set(theirs) if settings.get(key) != theirs.get(key))
+        if differs:
+            details = "; ".join(f"{key}: checkpoint {theirs.get(key)!r}, this run {settings.get(key)!r}" for key in differs)
             raise ValueError(
-                f"checkpoint {path} was made with other settings ({saved.metadata.get('settings')}); "
-                f"this run has {settings}. Delete it or choose another checkpoint path"
+                f"checkpoint {path} belongs to another run ({details}); delete it, choose another checkpoint path "
+                "or results folder, or rerun with overwrite=True (--overwrite)"
             )
         collector.stats, done = saved, saved.metadata["batches_done"]
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -41,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mm_lens.base.display import figure_and_axes, new_figure, text_table
+from mm_lens.base.compat import installed_versions
 from mm_lens.base.io import atomic_write
 
 if TYPE_CHECKING:
@@ -59,13 +59,7 @@ UNION_LABEL = "(any group)"
 
 def library_versions() -> dict[str, str | None]:
     """Installed versions of the packages results depend on (None if not installed)."""
-    versions: dict[str, str | None] = {}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
+    return installed_versions(VERSIONED_PACKAGES)
 
 
 def _where(group: str, module: str, layer: int) -> str:

@@ -84,5 +84,5 @@ def test_resume_after_interruption_is_bit_identical(model, samples, tmp_path):
 def test_checkpoint_with_other_settings_is_refused(model, samples, tmp_path):
     path = tmp_path / "stats.safetensors"
     collect_neuron_stats(model, samples[:4], batch_size=2, checkpoint=path, progress=False)
-    with pytest.raises(ValueError, match="made with other settings"):
+    with pytest.raises(ValueError, match=r"belongs to another run \(batch_size: checkpoint 2, this run 1\)"):
         collect_neuron_stats(model, samples[:4], batch_size=1, checkpoint=path, progress=False)
