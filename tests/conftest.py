@@ -20,6 +20,7 @@ jaxtyping.install_import_hook("mm_lens", "helpers.typechecker")
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from helpers import random_image

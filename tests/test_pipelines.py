@@ -83,8 +83,6 @@ def test_run_logit_lens_on_a_model_too_shallow_for_stages_says_so(model, tmp_pat
 
 
 def test_run_inspect_means_equal_a_cached_forward(model, tmp_path):
-    import torch
-
     from mm_lens.model.samples import prompt_batch
     from mm_lens.pipelines import run_inspect
 
