@@ -72,10 +72,13 @@ class ModuleStats:
         return {name: getattr(self, name) for name in _FIELDS}
 
     def _per_token(self, total: Tensor) -> Tensor:
-        return total / rearrange(self.n_tokens, "layer domain cls -> layer domain cls 1").clamp(min=1)
+        """``total`` per position of each group; NaN for a group that saw no position (never
+        a silent 0)."""
+        n = rearrange(self.n_tokens, "layer domain cls -> layer domain cls 1")
+        return torch.where(n > 0, total / n.clamp(min=1), torch.nan)
 
     def probability(self) -> Float[Tensor, "layer domain cls neuron"]:
-        """Share of positions where each neuron fired (0 for groups with no position)."""
+        """Share of positions where each neuron fired (NaN for groups with no position)."""
         return self._per_token(self.over_zero.double())
 
     def mean(self) -> Float[Tensor, "layer domain cls neuron"]:
@@ -118,7 +121,12 @@ class NeuronStats:
         for name, stats in self.modules.items():
             total = reduce(stats.sum[:, index, c], "layer domain neuron -> layer neuron", "sum")
             count = reduce(stats.n_tokens[:, index, c], "layer domain -> layer 1", "sum")
-            means[name] = (total / count.clamp(min=1)).float()
+            if bool((count == 0).any()):
+                raise ValueError(
+                    f"{name} saw no {position_class!r} position in domain(s) {chosen}: no mean to ablate with; "
+                    "choose another position class or domains"
+                )
+            means[name] = (total / count).float()
         return means
 
     def _class_index(self, position_class: str) -> int:

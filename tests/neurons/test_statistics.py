@@ -173,3 +173,14 @@ def test_nan_or_inf_in_an_activation_names_the_hook_layer_and_batch(model, sampl
             collect_neuron_stats(model, samples[:2], domains=DOMAINS, modules=["lm_mlp"], progress=False)
         counted = collect_neuron_stats(model, samples[:2], domains=DOMAINS, modules=["lm_mlp"], progress=False, allow_nonfinite=True)
     assert counted.modules["lm_mlp"].n_tokens.sum() > 0
+
+
+def test_empty_groups_have_nan_means_and_no_mean_to_ablate_with(model, samples):
+    stats = collect_neuron_stats(model, samples[:3], domains=(*DOMAINS, "unseen"), progress=False)
+    lm = stats.modules["lm_mlp"]
+    unseen = stats.domains.index("unseen")
+    assert torch.isnan(lm.mean()[:, unseen]).all() and torch.isnan(lm.probability()[:, unseen]).all()
+    seen = stats.domains.index(samples[0]["domain"])
+    assert not torch.isnan(lm.mean()[:, seen, stats.classes.index("all")]).any()
+    with pytest.raises(ValueError, match=r"lm_mlp saw no 'all' position in domain\(s\) \['unseen'\]"):
+        stats.neuron_means("all", domains=["unseen"])
