@@ -242,11 +242,29 @@ class HookedMLLM(torch.nn.Module):
                     f"pass the {modality} features as {name} (model.prepare_inputs does both; for generation use "
                     "model.generate, for TransformerLens' patching functions mm_lens.analysis.patching.with_inputs)"
                 )
+            if features is not None:
+                self._check_features(modality, name, features)
             if features_need_tokens and features is not None and not n_tokens:
                 raise ValueError(
                     f"{name} were given but input_ids hold no {modality} token; put the {modality} token in the "
                     "prompt (model.prepare_inputs does it through the chat template)"
                 )
+
+    def _check_features(self, modality: str, name: str, features: Any) -> None:
+        """Media features must be a non-empty floating-point tensor; image and video pixels
+        shaped ``[..., channels, height, width]`` must have the vision tower's channels."""
+        if not isinstance(features, torch.Tensor):
+            raise ValueError(f"{name} is a {type(features).__name__}; pass the processor's {modality} features as a tensor")
+        if not features.is_floating_point():
+            raise ValueError(f"{name} has dtype {features.dtype}; pass floating-point {modality} features (the processor's output)")
+        if features.numel() == 0 or features.ndim < 2:
+            raise ValueError(f"{name} has shape {tuple(features.shape)}; pass at least one {modality} item's features")
+        channels = getattr(getattr(self.hf_model.config, "vision_config", None), "num_channels", None)
+        if modality in ("image", "video") and features.ndim >= 4 and channels and features.shape[-3] != channels:
+            raise ValueError(
+                f"{name} has shape {tuple(features.shape)}: {features.shape[-3]} channels where the vision tower takes "
+                f"{channels}; pass pixel values shaped [..., {channels}, height, width] (the processor's output)"
+            )
 
     def _refuse_runs_without_media(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on the HF model: whatever calls it (TransformerLens' ``generate``,
@@ -275,6 +293,8 @@ class HookedMLLM(torch.nn.Module):
                 f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
                 "they must match (same batch size and length)"
             )
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids have no positions (an empty prompt); pass at least one token per row")
         if input_ids.shape[0] == 0:
             raise ValueError("the batch is empty")
         if self.spec.check_inputs is not None:

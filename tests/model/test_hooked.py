@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -111,3 +113,20 @@ def test_model_paths_that_do_not_exist_are_refused_at_once(tmp_path, monkeypatch
         HookedMLLM.from_pretrained("someorg/somemodel")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert resolve_model("someorg/somemodel") == "someorg/somemodel"  # online, a hub name is HF's to resolve
+
+
+def test_media_tensors_of_the_wrong_kind_or_shape_are_refused(model, images):
+    batch = model.prepare_inputs(["what is the color"], [images[0]])
+    pixels = batch["pixel_values"]
+    cases = [
+        ({"pixel_values": (pixels * 255).to(torch.uint8)}, "pixel_values has dtype torch.uint8; pass floating-point image features"),
+        ({"pixel_values": pixels[..., :2, :, :]}, "channels where the vision tower takes 3"),
+        ({"pixel_values": pixels.flatten()}, "pass at least one image item's features"),
+        ({"pixel_values": pixels.tolist()}, "pixel_values is a list; pass the processor's image features as a tensor"),
+        ({"input_ids": batch["input_ids"][:, :0], "attention_mask": batch["attention_mask"][:, :0], "pixel_values": None}, "an empty prompt"),
+    ]
+    for change, phrase in cases:
+        inputs = {**batch.inputs, **change}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        with pytest.raises(ValueError, match=re.escape(phrase)):
+            model(**inputs)
