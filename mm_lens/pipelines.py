@@ -114,9 +114,9 @@ def run_domain_neurons(
     stats = collect_neuron_stats(
         model, image_samples, batch_size=batch_size, checkpoint=out / "stats.checkpoint.safetensors", progress=progress
     )
-    stats.save(out / "stats.safetensors")
+    stats.save(out / "stats.safetensors", overwrite=True)
     neurons = select_domain_neurons(stats, top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio)
-    neurons.save(out / "neurons")
+    neurons.save(out / "neurons", overwrite=True)
     (out / "neurons.txt").write_text(neurons.table() + "\n")
     layers_figure, overlap_figure = neurons.plot(), neurons.plot_overlap("lm_mlp" if "lm_mlp" in neurons.modules else None)
     _save_figure(layers_figure, out / "neurons_per_layer.png")
@@ -126,7 +126,7 @@ def run_domain_neurons(
         model, first_per_domain(image_samples, evaluation_samples), neurons, seeds=seeds, mode=mode,
         batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
     )
-    evaluation.save(out / "evaluation")
+    evaluation.save(out / "evaluation", overwrite=True)
     (out / "evaluation.txt").write_text(evaluation.tables() + "\n")
     accuracy_figure, logprob_figure = evaluation.plot("accuracy"), evaluation.plot("answer_logprob")
     _save_figure(accuracy_figure, out / "evaluation_accuracy.png")
@@ -176,9 +176,9 @@ def run_miner(
     scores = collect_miner_scores(
         model, datasets, modalities=modalities, published_attention=published_attention, batch_size=batch_size, progress=progress
     )
-    scores.save(out / "scores.safetensors")
+    scores.save(out / "scores.safetensors", overwrite=True)
     neurons = select_modality_neurons(scores, weights=weights, ratio=ratio, strategy=strategy)
-    neurons.save(out / "neurons")
+    neurons.save(out / "neurons", overwrite=True)
     (out / "neurons.txt").write_text(neurons.table() + "\n\noverlap between modalities\n" + str(neurons.overlap().tolist()) + "\n")
     layers_figure, overlap_figure = neurons.plot_layers("lm_mlp"), neurons.plot_overlap()
     _save_figure(layers_figure, out / "neurons_per_layer.png")
@@ -191,7 +191,7 @@ def run_miner(
         model, evaluation, neurons, seeds=seeds, mode=mode, include_union=True,
         batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
     )
-    deactivation.save(out / "deactivation")
+    deactivation.save(out / "deactivation", overwrite=True)
     (out / "deactivation.txt").write_text(
         deactivation.tables() + "\n"
     )
@@ -202,7 +202,7 @@ def run_miner(
     with_answers = [s for s in evaluation if s.get("answer")]
     positional = [m for m in modalities if m in MODALITIES]  # special_text / prompt are unions, not curves
     convergence = analyze_convergence(model, with_answers, modalities=positional, neurons=neurons, batch_size=batch_size, progress=progress)
-    convergence.save(out / "convergence")
+    convergence.save(out / "convergence", overwrite=True)
     (out / "convergence.txt").write_text(convergence.table() + "\n")
     convergence_figure = convergence.plot()
     _save_figure(convergence_figure, out / "convergence.png")
@@ -273,8 +273,8 @@ def run_patching(
     answers = {"answer_tokens": answer, "wrong_tokens": wrong} if metric == "logit_diff" else {}
     by_position = patch_sweep(model, clean, corrupted, hook=hook, positions="all", metric=metric, progress=progress, **answers)
     by_cell = patch_sweep(model, clean, corrupted, hook=hook, positions="image", per="cell", metric=metric, progress=progress, **answers)
-    by_position.save(out / "by_position")
-    by_cell.save(out / "by_cell")
+    by_position.save(out / "by_position", overwrite=True)
+    by_cell.save(out / "by_cell", overwrite=True)
     description = (f"{clean_sample['domain']}: '{clean_sample['question']}' — clean answer '{clean_sample['answer']}', "
                    f"corrupted answer '{corrupted_sample['answer']}'; {metric} clean {by_position.clean_metric:+.3f}, "
                    f"corrupted {by_position.corrupted_metric:+.3f}")
@@ -342,7 +342,7 @@ def run_logit_lens(
     if not image_samples:
         raise ValueError("no sample has an image; the logit lens on image tokens needs some")
     summary = logit_lens_summary(model, image_samples, positions=positions, batch_size=batch_size, progress=progress)
-    summary.save(out / "lens.safetensors")
+    summary.save(out / "lens.safetensors", overwrite=True)
     text = summary.table() + "\n\n"
     if len(summary.layers) >= 3:
         text += "stages (first layer of stage 2, first layer of stage 3):\n"

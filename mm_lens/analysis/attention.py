@@ -175,11 +175,11 @@ class AttentionShare:
         ax.legend()
         return fig
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``path/attention_share.safetensors`` (tensors and settings)."""
         tensors = {"shares": self.shares, "per_row": self.per_row, "n_queries": self.n_queries}
         header = {"layers": self.layers, "modalities": self.modalities, "query": self.query, "metadata": self.metadata}
-        save_tensors(Path(path) / f"{SHARE_NAME}.safetensors", tensors, header, "AttentionShare")
+        save_tensors(Path(path) / f"{SHARE_NAME}.safetensors", tensors, header, "AttentionShare", overwrite)
         return Path(path)
 
     @classmethod

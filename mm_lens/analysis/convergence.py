@@ -157,10 +157,10 @@ class ConvergenceResult:
             ax.legend(fontsize=7)
         return figure
 
-    def save(self, folder: str | os.PathLike) -> None:
+    def save(self, folder: str | os.PathLike, overwrite: bool = False) -> None:
         """``folder/convergence.safetensors``: every curve, modalities and metadata."""
         tensors = {f"{cond}/{name}": t for cond, c in self.curves.items() for name, t in c.items()}
-        save_tensors(Path(folder) / "convergence.safetensors", tensors, {"modalities": self.modalities, "metadata": self.metadata}, "ConvergenceResult")
+        save_tensors(Path(folder) / "convergence.safetensors", tensors, {"modalities": self.modalities, "metadata": self.metadata}, "ConvergenceResult", overwrite)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "ConvergenceResult":

@@ -208,10 +208,10 @@ class CrossDomainResult:
         figure.colorbar(image, ax=axes, shrink=0.8)
         return figure
 
-    def save(self, folder: str | os.PathLike) -> None:
+    def save(self, folder: str | os.PathLike, overwrite: bool = False) -> None:
         """``folder/cross_domain.safetensors``: every matrix, groups, domains and metadata."""
         tensors = {f"{part}/{metric}": getattr(self, part)[metric] for part in ("baseline", "chosen", "random") for metric in METRICS}
-        save_tensors(Path(folder) / "cross_domain.safetensors", tensors, {"groups": self.groups, "domains": self.domains, "metadata": self.metadata}, "CrossDomainResult")
+        save_tensors(Path(folder) / "cross_domain.safetensors", tensors, {"groups": self.groups, "domains": self.domains, "metadata": self.metadata}, "CrossDomainResult", overwrite)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "CrossDomainResult":

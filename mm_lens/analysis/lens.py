@@ -356,7 +356,7 @@ class LensSummary:
             tokens.table(cellText=cells, rowLabels=[str(l) for l in self.layers], colLabels=domains, loc="center", fontsize=8)
         return figure
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """One safetensors file: tensors, and the rest as JSON in its header (atomic write)."""
         tensors = {name: getattr(self, name) for name in ("n_positions", "n_samples", "entropy_sum", "entropy_sq_sum")}
         header = {
@@ -364,7 +364,7 @@ class LensSummary:
             "metadata": self.metadata, "token_strings": {str(t): s for t, s in self.token_strings.items()},
             "top_counts": {d: [{str(t): c for t, c in layer.items()} for layer in per_layer] for d, per_layer in self.top_counts.items()},
         }
-        save_tensors(path, tensors, header, "LensSummary")
+        save_tensors(path, tensors, header, "LensSummary", overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LensSummary":

@@ -214,7 +214,7 @@ class PatchingResult:
         figure.colorbar(image, ax=ax)
         return figure
 
-    def save(self, folder: str | os.PathLike) -> None:
+    def save(self, folder: str | os.PathLike, overwrite: bool = False) -> None:
         """``folder/patching.safetensors``: effects, metrics, units and settings."""
         tensors = {"effect": self.effect, "metric": self.metric} | {f"unit{i}": u.positions for i, u in enumerate(self.units)}
         header = {
@@ -222,7 +222,7 @@ class PatchingResult:
             "units": [{"label": u.label, "cell": u.cell} for u in self.units], "hook": self.hook,
             "metric_name": self.metric_name, "metadata": self.metadata,
         }
-        save_tensors(Path(folder) / "patching.safetensors", tensors, header, "PatchingResult")
+        save_tensors(Path(folder) / "patching.safetensors", tensors, header, "PatchingResult", overwrite)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "PatchingResult":

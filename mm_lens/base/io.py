@@ -39,9 +39,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], header: Mapping[str, Any], kind: str) -> Path:
+def refuse_to_replace(path: str | os.PathLike, overwrite: bool) -> None:
+    """``FileExistsError`` when ``path`` exists and ``overwrite`` is not set: saving never
+    replaces a file silently."""
+    if not overwrite and Path(path).exists():
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or save elsewhere")
+
+
+def save_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, Tensor], header: Mapping[str, Any], kind: str, overwrite: bool = False
+) -> Path:
     """Write ``tensors`` and a JSON-able ``header`` to one safetensors file at ``path``,
-    tagged as an ``mm_lens.<kind>`` result of the current ``FORMAT_VERSION``."""
+    tagged as an ``mm_lens.<kind>`` result of the current ``FORMAT_VERSION``; an existing
+    file is replaced only with ``overwrite``."""
+    refuse_to_replace(path, overwrite)
     tagged = {"format": f"mm_lens.{kind}", "format_version": FORMAT_VERSION, **header}
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda temporary: save_file(contiguous, temporary, metadata={_HEADER_KEY: json.dumps(tagged)}))

@@ -80,7 +80,7 @@ def collect_neuron_stats(
         bar.update(1)
         if path is not None and (number % checkpoint_every == 0 or number == len(batches)):
             collector.stats.metadata = {"settings": settings, "batches_done": number}
-            collector.stats.save(path)
+            collector.stats.save(path, overwrite=True)  # this run's own checkpoint
     bar.close()
 
     stats = collector.stats

@@ -135,9 +135,9 @@ class MinerScores:
     def weighted(self, weights: Mapping[str, float] = DEFAULT_METRIC_WEIGHTS) -> Float[Tensor, "modality layer neuron"]:
         return weighted_score(self.scores, weights, self.metrics)
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         header = {"modalities": self.modalities, "datasets": self.datasets, "metrics": list(self.metrics), "metadata": self.metadata}
-        save_tensors(path, {"scores": self.scores, "present": self.present}, header, "MinerScores")
+        save_tensors(path, {"scores": self.scores, "present": self.present}, header, "MinerScores", overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MinerScores":

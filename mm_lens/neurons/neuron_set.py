@@ -41,7 +41,7 @@ from torch import Tensor
 
 from mm_lens.base.display import figure_and_axes, new_figure, text_table
 from mm_lens.base.compat import installed_versions
-from mm_lens.base.io import atomic_write
+from mm_lens.base.io import atomic_write, refuse_to_replace
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -416,10 +416,12 @@ class NeuronSet:
     __hash__ = None  # type: ignore[assignment]
 
     # ---- files ---------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``path/neurons.safetensors`` and ``path/neurons.json`` (folder created);
         library versions are added to the saved metadata unless already there."""
         folder = Path(path)
+        for name in (TENSORS_NAME, JSON_NAME):
+            refuse_to_replace(folder / name, overwrite)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for gi, g in enumerate(self.groups):

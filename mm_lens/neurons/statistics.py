@@ -144,11 +144,12 @@ class NeuronStats:
             for a, b in zip(self.modules[name].tensors().values(), other.modules[name].tensors().values())
         )
 
-    def save(self, path: str | os.PathLike) -> None:
-        """One safetensors file (groups, modules and metadata in its header), written atomically."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """One safetensors file (groups, modules and metadata in its header), written atomically
+        (an existing file is replaced only with ``overwrite``)."""
         tensors = {f"{i}.{name}": t for i, m in enumerate(self.modules.values()) for name, t in m.tensors().items()}
         header = {"domains": list(self.domains), "classes": list(self.classes), "modules": list(self.modules), "metadata": self.metadata}
-        save_tensors(path, tensors, header, "NeuronStats")
+        save_tensors(path, tensors, header, "NeuronStats", overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NeuronStats":

@@ -35,3 +35,13 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(path, failing)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_saving_never_replaces_a_file_silently(tmp_path):
+    path = save_tensors(tmp_path / "r.safetensors", {"x": torch.ones(2)}, {}, "Thing")
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match=r"r\.safetensors exists; pass overwrite=True"):
+        save_tensors(path, {"x": torch.zeros(2)}, {}, "Thing")
+    assert path.read_bytes() == before
+    save_tensors(path, {"x": torch.zeros(2)}, {}, "Thing", overwrite=True)
+    assert torch.equal(load_tensors(path, "Thing")[0]["x"], torch.zeros(2))

@@ -283,8 +283,16 @@ def test_save_adds_library_versions_to_the_metadata(tmp_path, hand_made):
 
 def test_save_leaves_no_temporary_files(tmp_path, hand_made):
     hand_made.save(tmp_path)
-    hand_made.save(tmp_path)  # overwrite in place
+    hand_made.save(tmp_path, overwrite=True)  # replaced in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["neurons.json", "neurons.safetensors"]
+
+
+def test_saving_over_an_existing_set_needs_overwrite(tmp_path, hand_made):
+    hand_made.save(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(FileExistsError, match="neurons.safetensors exists; pass overwrite=True"):
+        hand_made.save(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_load_of_a_folder_without_files_says_what_is_missing(tmp_path):
