@@ -58,9 +58,12 @@ def _check(condition: bool, option: str, message: str) -> None:
 
 def _check_common(model: str, data: Optional[Path] = None, limit: Optional[int] = None, batch_size: int = 1) -> None:
     """The options every analysis command shares, checked before anything is loaded."""
-    _check(model == "default" or Path(model).is_dir(), "--model",
-           f"{model!r} is not a model folder (pass a local folder with config.json, or 'default')")
-    _check(model == "default" or (Path(model) / "config.json").is_file(), "--model", f"{model} has no config.json")
+    from mm_lens.model.hooked import resolve_model
+
+    try:
+        resolve_model(model)  # a missing folder or config.json is refused here, before anything loads
+    except FileNotFoundError as error:
+        raise UserError(f"--model: {error}") from None
     _check(data is None or data.exists(), "--data", f"{data} does not exist")
     _check(limit is None or limit >= 1, "--limit", f"must be at least 1, got {limit}")
     _check(batch_size >= 1, "--batch-size", f"must be at least 1, got {batch_size}")

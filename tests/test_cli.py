@@ -57,7 +57,7 @@ def test_build_tiny_rejects_unknown_arch(tmp_path):
 @pytest.mark.parametrize(
     "args,phrase",
     [
-        (["neurons", "--model", "/no/such/model"], "--model: '/no/such/model' is not a model folder"),
+        (["neurons", "--model", "/no/such/model"], "--model: /no/such/model is not a local model folder"),
         (["neurons", "--data", "/no/such/data"], "--data: /no/such/data does not exist"),
         (["neurons", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
         (["neurons", "--top-rate", "-0.5"], "--top-rate: must be a fraction in (0, 1], got -0.5"),
