@@ -60,9 +60,14 @@ class MinerScoreCollector:
     public code's unmasked scores with a second softmax.
     """
 
-    def __init__(self, model: HookedMLLM, modalities: Sequence[str] = ("text", "image"), *, published_attention: bool = False):
+    def __init__(
+        self, model: HookedMLLM, modalities: Sequence[str] = ("text", "image"), *, published_attention: bool = False,
+        allow_nonfinite: bool = False,
+    ):
         position_names(modalities, "MINER modalities")
         self.model = model
+        self.allow_nonfinite = allow_nonfinite
+        self.batches = 0  # batches scored so far, to name the one that goes wrong
         self.modalities = tuple(modalities)
         self.published_attention = published_attention
         self.accumulators: dict[str, ScoreAccumulator] = {}
@@ -88,6 +93,12 @@ class MinerScoreCollector:
 
         def score_layer(act: Tensor, hook: Any) -> None:
             layer = _layer(hook)
+            if not self.allow_nonfinite and not bool(torch.isfinite(act[keep.to(act.device)]).all()):
+                raise ValueError(
+                    f"hook {block_hook(layer, 'mlp_act')} (lm_mlp layer {layer}) holds NaN or inf activations in batch "
+                    f"{self.batches} of dataset {dataset!r}; the scores would be NaN. Check the model and inputs, or pass "
+                    "allow_nonfinite=True"
+                )
             pattern = None if self.published_attention else attention.pop(layer)  # free it as soon as used
             for b in range(batch_size):
                 if self.published_attention:
@@ -114,6 +125,7 @@ class MinerScoreCollector:
         for (b, m), per_metric in scores.items():
             if masks[m][b].any():
                 accumulator.add(m, per_metric)
+        self.batches += 1
 
 
 def _layer(hook: Any) -> int:
@@ -153,12 +165,14 @@ def collect_miner_scores(
     published_attention: bool = False,
     batch_size: int = 8,
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> MinerScores:
     """Stages 1-3: score every sample of every dataset and average (per dataset over the
-    samples holding each modality, then over the datasets where it occurs)."""
+    samples holding each modality, then over the datasets where it occurs). NaN or inf in an
+    activation is an error naming the hook, batch and dataset unless ``allow_nonfinite``."""
     if not datasets:
         raise ValueError("pass at least one dataset: {name: samples}")
-    collector = MinerScoreCollector(model, modalities, published_attention=published_attention)
+    collector = MinerScoreCollector(model, modalities, published_attention=published_attention, allow_nonfinite=allow_nonfinite)
     total = sum((len(s) + batch_size - 1) // batch_size for s in datasets.values())
     bar = tqdm(total=total, desc="MINER scores", disable=not progress, unit="batch")
     for name, samples in datasets.items():

@@ -140,3 +140,21 @@ def test_selection_is_a_neuron_set_with_provenance(model):
     assert chosen.metadata["parameters"]["strategy"] == "uniform"
     k = int(0.1 * model.cfg.n_layers * model.cfg.d_mlp)
     assert chosen.count("text") == (k // (2 * model.cfg.n_layers)) * model.cfg.n_layers
+
+
+def test_nan_activations_stop_the_scores_naming_hook_batch_and_dataset(model):
+    from mm_lens.model.samples import prompt_batch
+
+    batch = prompt_batch(model, make_samples(2))
+
+    def poison(act, hook):
+        act = act.clone()
+        act[0, -1, 0] = float("nan")
+        return act
+
+    collector = MinerScoreCollector(model)
+    collector.update(batch, "vqa")
+    with model.hooks(fwd_hooks=[("blocks.1.mlp.hook_act", poison)]):
+        with pytest.raises(ValueError, match=r"hook blocks\.1\.mlp\.hook_act \(lm_mlp layer 1\) holds NaN or inf activations in batch 1 of dataset 'vqa'"):
+            collector.update(batch, "vqa")
+        MinerScoreCollector(model, allow_nonfinite=True).update(batch, "vqa")  # counted when asked
