@@ -2,7 +2,7 @@
 
 A small ``LlavaForConditionalGeneration`` (CLIP-style vision tower on 32x32 images with
 8-pixel patches, two-layer GELU projector, Llama-style LM) learns the synthetic five-domain
-image QA of ``mm_lens.base.data`` plus text-only facts, on the CPU. The script writes:
+image QA of ``mm_lens.base.synthetic`` plus text-only facts, on the CPU. The script writes:
 
 - ``mm_lens/assets/default_model/``: weights (safetensors), config, tokenizer, processor,
   and ``training_report.json`` (settings, loss curve, time, per-domain accuracy vs chance);
@@ -29,7 +29,8 @@ import transformers
 from transformers import LlavaProcessor
 
 from mm_lens import HookedMLLM
-from mm_lens.base.data import FEATURES, chance_accuracy, generate_samples, vocabulary
+from mm_lens.base.data import chance_accuracy
+from mm_lens.base.synthetic import FEATURES, generate_samples, vocabulary
 from mm_lens.analysis.evaluation import score_answers
 from mm_lens.model.inputs import format_prompt
 from mm_lens.model.tiny.llava import llava_model_and_processor

@@ -42,7 +42,7 @@ def test_analysis_command_writes_results_folder(command, extra, files, tmp_path)
 
 
 def test_commands_accept_a_dataset_folder(tmp_path):
-    from mm_lens.base.data import build_dataset
+    from mm_lens.base.synthetic import build_dataset
 
     build_dataset(tmp_path / "data", 4, seed=3)
     _run("logit-lens", "--data", str(tmp_path / "data"), "--split", "test", "--out", str(tmp_path / "out"))
