@@ -64,11 +64,28 @@ def _greedy_answers(model: HookedMLLM, batch: Any, hooks: list, max_new_tokens: 
         return model.generate(batch, max_new_tokens=max_new_tokens).text
 
 
-def _teacher_forced(model: HookedMLLM, chunk: Sequence[Sample], deactivate: Deactivation | None):
+def _first_nonfinite(model: HookedMLLM, batch: Any, hooks: list) -> str:
+    """The first residual-stream hook (embedding, then each block's output) holding NaN or
+    inf at a real (unpadded) position of ``batch``, rerun with the same ``hooks``."""
+    names = ["hook_embed"] + [block_hook(layer, "resid_post") for layer in range(model.cfg.n_layers)]
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        _, cache = model.run_with_cache(batch, names_filter=lambda name: name in names)
+    for name in names:
+        if name in cache and not bool(torch.isfinite(cache[name][keep.to(cache[name].device)]).all()):
+            return name if name == "hook_embed" else f"{name} (layer {name.split('.')[1]})"
+    return "the logits only (every residual hook is finite)"
+
+
+def _teacher_forced(
+    model: HookedMLLM, chunk: Sequence[Sample], deactivate: Deactivation | None, where: str, allow_nonfinite: bool
+):
     """Sum of the answer tokens' log-probabilities and the last layer's residual at the last
     prompt position, with the prompt and the answer in one left-padded forward. Inputs the
     architecture derives from the prompt alone (``spec.prompt_only_inputs``, e.g.
-    InstructBLIP's Q-Former instruction) come from the prompt without the answer."""
+    InstructBLIP's Q-Former instruction) come from the prompt without the answer. NaN or inf
+    in the log-probabilities is an error naming the first hook that holds it and ``where``
+    (the batch) unless ``allow_nonfinite``."""
     media = chunk_media(chunk)
     prompts = [chat_prompt(model, s) for s in chunk]
     batch = model.prepare_inputs([p + " " + s["answer"] for p, s in zip(prompts, chunk)], **media, chat=False)
@@ -85,6 +102,11 @@ def _teacher_forced(model: HookedMLLM, chunk: Sequence[Sample], deactivate: Deac
     hooks = _hooks(model, batch, deactivate) + [(final, save_final)]
     with torch.no_grad():
         log_probs = model.run_with_hooks(batch, fwd_hooks=hooks).log_softmax(-1)
+    if not allow_nonfinite and not bool(torch.isfinite(log_probs[batch["attention_mask"].bool()]).all()):
+        raise ValueError(
+            f"NaN or inf in the answer scores of {where}: first seen at {_first_nonfinite(model, batch, hooks)}. "
+            "Check the model, its dtype and the inputs (and the deactivation's replacement values), or pass allow_nonfinite=True"
+        )
     end, ids = batch["input_ids"].shape[1], batch["input_ids"]
     logprob = torch.stack([
         log_probs[row, end - n - 1 : end - 1].gather(-1, ids[row, end - n :, None]).sum() for row, n in enumerate(lengths)
@@ -105,21 +127,25 @@ def score_answers(
     batch_size: int = 8,
     max_new_tokens: int = 8,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> AnswerScores:
     """Greedy answers with exact match, teacher-forced answer log-probability (sum over the
     answer's tokens), and the last layer's residual at the last prompt position.
 
     ``deactivate``: a ``Deactivation`` (neurons, mode, positions, ...); its hooks are rebuilt
-    per batch with that batch's ModalityMap.
+    per batch with that batch's ModalityMap. NaN or inf in the scores is an error naming the
+    hook and batch unless ``allow_nonfinite``.
     """
     correct, logprobs, hidden, predictions = [], [], [], []
     chunks = list(sample_chunks(samples, batch_size))
-    for _, chunk in tqdm(chunks, desc="answers", disable=not progress, unit="batch"):
+    for number, (start, chunk) in enumerate(tqdm(chunks, desc="answers", disable=not progress, unit="batch")):
         prompt = prompt_batch(model, chunk)
         answers = _greedy_answers(model, prompt, _hooks(model, prompt, deactivate), max_new_tokens)
         predictions += answers
         correct += [normalize_answer(a) == normalize_answer(s["answer"]) for a, s in zip(answers, chunk)]
-        logprob, final = _teacher_forced(model, chunk, deactivate)
+        domains = ", ".join(sorted({str(s.get("domain", "?")) for s in chunk}))
+        where = f"batch {number} (samples {start}-{start + len(chunk) - 1}, domains {domains})"
+        logprob, final = _teacher_forced(model, chunk, deactivate, where, allow_nonfinite)
         logprobs.append(logprob)
         hidden.append(final)
     return AnswerScores(
@@ -233,13 +259,15 @@ def evaluate_cross_domain(
     batch_size: int = 8,
     max_new_tokens: int = 8,
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> CrossDomainResult:
     """Deactivate each group's neurons (all modules) and, as controls, matched random
     neurons (one draw per seed); score every sample; average per evaluation domain (the
     samples' ``domain`` labels: domains for MMNeuron, datasets for MINER).
 
     ``mode``/``positions``/``complementary`` are passed to ``deactivation_hooks``;
-    ``include_union`` adds a row ``(all)`` with every group's neurons off at once.
+    ``include_union`` adds a row ``(all)`` with every group's neurons off at once. NaN or inf
+    in a run's scores is an error naming the hook and batch unless ``allow_nonfinite``.
     """
     if not seeds:
         raise ValueError("pass at least one seed for the random control")
@@ -257,7 +285,10 @@ def evaluate_cross_domain(
         deactivate = None if neurons is None else Deactivation(
             neurons, mode=mode, positions=positions, complementary=complementary, groups=None if group is None else [group]
         )
-        scores = score_answers(model, samples, deactivate=deactivate, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        scores = score_answers(
+            model, samples, deactivate=deactivate, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            allow_nonfinite=allow_nonfinite,
+        )
         return scores, _per_domain(scores, baseline, labels, domains)
 
     check_generation(model, prompt_batch(model, list(samples[: min(batch_size, 4)])), max_new_tokens)

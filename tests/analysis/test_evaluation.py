@@ -123,3 +123,17 @@ def test_union_row_and_complementary_deactivation(model, samples):
     # keeping half of layer 0 and switching off the rest, and all of layer 1, moves the answer
     assert (everything_but.chosen["hidden_change"] > 0).all()
     assert everything_but.metadata["complementary"] is True
+
+
+def test_nan_in_a_layer_is_an_error_naming_the_first_hook_and_the_batch(model, samples):
+    layer = model.cfg.n_layers - 1
+
+    def poison(act, hook):
+        act[-1] = float("nan")  # the last row of every batch
+        return act
+
+    with model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_mlp_out", poison)]):
+        with pytest.raises(ValueError, match=rf"batch 0 \(samples 0-2, domains .*\).*blocks\.{layer}\.hook_resid_post \(layer {layer}\)"):
+            score_answers(model, samples, batch_size=3, max_new_tokens=1)
+        scores = score_answers(model, samples, batch_size=3, max_new_tokens=1, allow_nonfinite=True)
+    assert scores.answer_logprob[[2, 5]].isnan().all() and scores.answer_logprob[[0, 1, 3, 4]].isfinite().all()
