@@ -7,14 +7,19 @@ PIL image or ``None`` for text-only rows), ``answer``, ``domain`` and optionally
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
+import PIL.Image
 from datasets import Dataset
+from tqdm.auto import tqdm
+
+Samples = Dataset | Sequence[Mapping[str, Any]]
 
 REQUIRED_COLUMNS = ("image", "question", "answer", "domain")
 
@@ -27,26 +32,91 @@ def _check_columns(names: Sequence[str], where: str) -> None:
             )
 
 
+TEXT_COLUMNS = ("question", "answer", "domain")
+SHOWN_PROBLEMS = 5  # problems listed in one error; the rest are counted
+
+
+def _image_problem(image: Any, folder: Path | None) -> str | None:
+    """Why ``image`` (``None``, a PIL image, a file path, or an ``Image(decode=False)`` cell
+    ``{"bytes", "path"}``) cannot be used as a picture, or ``None`` when it can."""
+    if image is None or isinstance(image, PIL.Image.Image):
+        return None
+    if isinstance(image, Mapping):
+        name = image.get("path") or "(stored bytes)"
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image.get("path")
+    elif isinstance(image, (str, Path)):
+        source = Path(image) if folder is None or Path(image).is_absolute() else folder / image
+        name = str(source)
+        if not source.is_file():
+            return f"image file {source} does not exist"
+    else:
+        return f"image is a {type(image).__name__}, not a picture, a file path or None"
+    try:
+        with PIL.Image.open(source) as picture:
+            picture.load()  # decode every pixel: a truncated file fails here, not in batch 40
+    except (OSError, SyntaxError, ValueError, TypeError) as error:
+        return f"image {name} cannot be decoded ({error})"
+    return None
+
+
+def _row_problems(row: Mapping[str, Any], folder: Path | None) -> list[str]:
+    problems = []
+    for column in TEXT_COLUMNS:
+        value = row.get(column)
+        if column in row and (not isinstance(value, str) or not value.strip()):
+            problems.append(f"{column} is {value!r}, not a non-empty string")
+    image = _image_problem(row.get("image"), folder)
+    return problems + ([image] if image else [])
+
+
+def _raise_problems(problems: list[str], where: str) -> None:
+    if problems:
+        shown = "; ".join(problems[:SHOWN_PROBLEMS])
+        more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise ValueError(f"{where}: {len(problems)} unusable row(s), found before any work started: {shown}{more}. Fix or remove them")
+
+
+def check_samples(samples: Samples, where: str = "samples", *, progress: bool = False) -> None:
+    """Refuse samples that would fail, or silently mislead, part-way through a run: every
+    ``question``, ``answer`` and ``domain`` present must be a non-empty string and every image
+    must decode (each one is decoded once, here). The error names each bad row (the first
+    few, and how many in all). ``samples``: a ``datasets.Dataset`` or a list of dicts."""
+    rows: Iterable[Mapping[str, Any]] = samples
+    if isinstance(samples, Dataset) and isinstance(samples.features.get("image"), datasets.Image):
+        rows = samples.cast_column("image", datasets.Image(decode=False))  # decode ourselves, naming the row
+    problems = []
+    for number, row in enumerate(tqdm(rows, desc="checking samples", disable=not progress, unit="row")):
+        problems += [f"row {number}: {problem}" for problem in _row_problems(row, None)]
+    _raise_problems(problems, where)
+
+
 def _load_jsonl(path: Path, columns: Mapping[str, str]) -> Dataset:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    for number, row in enumerate(rows, start=1):
+    rows, problems = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}")
         for old, new in columns.items():
             if old in row:
                 row[new] = row.pop(old)
-        _check_columns(list(row), f"row {number} of {path}")
-        if row["image"] is not None:
-            image = Path(row["image"])
-            image = image if image.is_absolute() else path.parent / image
-            if not image.is_file():
-                raise FileNotFoundError(f"row {number} of {path}: image file {image} does not exist")
-            row["image"] = str(image)
+        _check_columns(list(row), f"{path}, line {number}")
+        problems += [f"line {number}: {problem}" for problem in _row_problems(row, path.parent)]
+        if isinstance(row["image"], str):
+            row["image"] = str(path.parent / row["image"])  # an absolute path stays as it is
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    _raise_problems(problems, str(path))
     return datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())  # decoded on access
 
 
 def load_samples(
-    path: str | Path, split: str | None = None, *, columns: Mapping[str, str] | None = None
+    path: str | Path, split: str | None = None, *, columns: Mapping[str, str] | None = None, progress: bool = False
 ) -> Dataset:
     """Image-QA samples from disk, as a ``datasets.Dataset`` whose rows are dicts with a PIL
     ``image`` (or ``None``), ``question``, ``answer`` and ``domain``.
@@ -54,7 +124,9 @@ def load_samples(
     ``path`` is a ``save_to_disk`` folder (a ``Dataset``, or a ``DatasetDict`` with ``split``
     naming one of its splits; a single split is taken without it), or a folder with
     ``data.jsonl`` (or that file itself) whose ``image`` is a file path relative to it, or null.
-    ``columns`` renames other datasets' columns to ours, e.g. ``{"img": "image"}``.
+    ``columns`` renames other datasets' columns to ours, e.g. ``{"img": "image"}``. Every row
+    is checked before it is returned (``check_samples``: texts non-empty, images decodable;
+    JSONL errors name the file and line), so no run fails part-way on a bad row.
     """
     path, columns = Path(path), dict(columns or {})
     if path.is_dir() and (path / "data.jsonl").is_file():
@@ -75,6 +147,7 @@ def load_samples(
     _check_columns(dataset.column_names, str(path))
     if dataset.features["image"] == datasets.Value("string"):  # file paths
         dataset = dataset.cast_column("image", datasets.Image())
+    check_samples(dataset, str(path), progress=progress)
     return dataset
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm_lens.base.data import chance_accuracy, load_samples
+from mm_lens.base.data import chance_accuracy, check_samples, load_samples
 from mm_lens.base.synthetic import (
     TEXT_DOMAIN,
     build_dataset,
@@ -104,3 +104,55 @@ def test_load_samples_renames_columns_of_other_datasets(tmp_path):
     loaded = load_samples(tmp_path / "hf", columns={"img": "image", "label": "answer"})
     assert loaded[0] == {"image": None, "question": "q", "answer": "a", "domain": "d"}
 
+
+
+def _jsonl(folder, rows: list, raw_lines: tuple[str, ...] = ()) -> None:
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "".join(raw_lines))
+
+
+def test_a_truncated_image_is_found_before_any_work_naming_its_line(tmp_path):
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes((tmp_path / "good.png").read_bytes()[:40])
+    rows = [{"image": "good.png", "question": "q", "answer": "a", "domain": "d"}] * 3
+    _jsonl(tmp_path, rows + [{"image": "bad.png", "question": "q", "answer": "a", "domain": "d"}])
+    with pytest.raises(ValueError, match=r"data.jsonl: 1 unusable row.*line 4: image .*bad.png cannot be decoded"):
+        load_samples(tmp_path)
+
+
+def test_empty_labels_and_missing_images_are_listed_with_their_lines(tmp_path):
+    rows = [
+        {"image": None, "question": "q", "answer": "", "domain": "d"},
+        {"image": None, "question": "q", "answer": "a", "domain": 3},
+        {"image": "gone.png", "question": "q", "answer": "a", "domain": "d"},
+    ]
+    _jsonl(tmp_path, rows)
+    with pytest.raises(ValueError, match=r"3 unusable row\(s\).*line 1: answer is '', not a non-empty string; "
+                       r"line 2: domain is 3, not a non-empty string; line 3: image file .*gone.png does not exist"):
+        load_samples(tmp_path)
+
+
+def test_invalid_json_names_file_line_and_column(tmp_path):
+    _jsonl(tmp_path, [{"image": None, "question": "q", "answer": "a", "domain": "d"}], ('{"image": null, "question": \n',))
+    with pytest.raises(ValueError, match=r"data.jsonl, line 2: not valid JSON \(.* at column \d+\)"):
+        load_samples(tmp_path)
+    _jsonl(tmp_path, [], ("[1, 2]\n",))
+    with pytest.raises(ValueError, match="line 1: a row must be a JSON object, got list"):
+        load_samples(tmp_path)
+
+
+def test_a_corrupt_image_stored_in_a_saved_dataset_is_found_up_front(tmp_path):
+    built = build_dataset(tmp_path / "ds", 2, seed=0, splits={"test": 1.0})
+    broken = built["test"].cast_column("image", datasets.Image(decode=False))
+    row = next(i for i, r in enumerate(broken) if r["image"] is not None)
+    rows = broken.to_list()
+    rows[row]["image"] = {"bytes": rows[row]["image"]["bytes"][:30], "path": None}
+    datasets.Dataset.from_list(rows, features=broken.features).save_to_disk(str(tmp_path / "broken"))
+    with pytest.raises(ValueError, match=rf"row {row}: image \(stored bytes\) cannot be decoded"):
+        load_samples(tmp_path / "broken")
+
+
+def test_check_samples_takes_lists_of_dicts_and_counts_what_it_does_not_show():
+    good = {"image": Image.new("RGB", (4, 4)), "question": "q", "answer": "a", "domain": "d"}
+    check_samples([good, {**good, "image": None}])
+    with pytest.raises(ValueError, match=r"row 0: image is a int.*; and 2 more"):
+        check_samples([{**good, "image": 5}] + [{**good, "question": " "}] * 6, "my list")
