@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from mm_lens.neurons.lape import lape_select
 from mm_lens.neurons.neuron_set import NeuronSet
 from mm_lens.neurons.statistics import NeuronStats
@@ -31,10 +33,15 @@ def select_domain_neurons(
         raise ValueError(f"no statistics for modules {unknown}; collected: {', '.join(stats.modules)}")
     chosen, widths = {}, {}
     for module in modules:
-        counts = stats.over_zero(module, position_class)
-        chosen[module] = lape_select(
-            counts, stats.n_tokens(module, position_class), top_rate, filter_rate, activation_bar_ratio
-        )
+        counts, n_tokens = stats.over_zero(module, position_class), stats.n_tokens(module, position_class)
+        empty = [stats.domains[d] for d in torch.nonzero(n_tokens == 0).flatten().tolist()]
+        if empty:
+            raise ValueError(
+                f"{module}: no {position_class!r} position was counted in domain(s) {empty} (of {list(stats.domains)}); "
+                "LAPE needs every domain's firing rate: add samples of those domains, drop them, or choose another "
+                "position class"
+            )
+        chosen[module] = lape_select(counts, n_tokens, top_rate, filter_rate, activation_bar_ratio)
         widths[module] = counts.shape[1]
     metadata = {
         "method": "lape",

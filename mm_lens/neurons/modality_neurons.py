@@ -200,7 +200,14 @@ def select_modality_neurons(
     seed: int = 0,
 ) -> NeuronSet:
     """Stage 4: ``miner_select`` on the weighted scores, as a ``NeuronSet`` over ``lm_mlp``
-    with one group per modality."""
+    with one group per modality. A modality that occurred in no dataset is refused: its
+    scores are zeros, not a ranking."""
+    absent = [m for i, m in enumerate(scores.modalities) if not bool(scores.present[:, i].any())]
+    if absent:
+        raise ValueError(
+            f"modality {absent} occurred in none of the datasets {scores.datasets}: it has no scores to rank; "
+            "add samples holding it or leave it out of modalities="
+        )
     weighted = scores.weighted(weights)
     pairs = miner_select(weighted, scores.modalities, ratio=ratio, strategy=strategy, seed=seed)
     _, n_layers, width = weighted.shape

@@ -112,3 +112,13 @@ def test_unknown_module_or_class_is_an_error(model):
         select_domain_neurons(stats, modules=["lm_mlp"])
     with pytest.raises(ValueError, match="position class 'video' was not collected"):
         select_domain_neurons(stats, position_class="video")
+
+
+def test_a_domain_without_positions_of_the_class_is_named(model):
+    samples = make_samples(6)
+    for s in samples:
+        if s["domain"] == DOMAINS[1]:
+            s["image"] = None  # this domain's samples hold no image position
+    stats = collect_neuron_stats(model, samples, batch_size=6, modules=["lm_mlp"], progress=False)
+    with pytest.raises(ValueError, match=rf"lm_mlp: no 'image' position was counted in domain\(s\) \['{DOMAINS[1]}'\]"):
+        select_domain_neurons(stats, position_class="image")

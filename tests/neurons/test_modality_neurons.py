@@ -158,3 +158,10 @@ def test_nan_activations_stop_the_scores_naming_hook_batch_and_dataset(model):
         with pytest.raises(ValueError, match=r"hook blocks\.1\.mlp\.hook_act \(lm_mlp layer 1\) holds NaN or inf activations in batch 1 of dataset 'vqa'"):
             collector.update(batch, "vqa")
         MinerScoreCollector(model, allow_nonfinite=True).update(batch, "vqa")  # counted when asked
+
+
+def test_a_modality_absent_from_every_dataset_is_refused_by_name(model):
+    text_only = [dict(s, image=None) for s in make_samples(3)]
+    scores = collect_miner_scores(model, {"facts": text_only}, progress=False)
+    with pytest.raises(ValueError, match=r"modality \['image'\] occurred in none of the datasets \['facts'\]"):
+        select_modality_neurons(scores)
