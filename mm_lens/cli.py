@@ -105,8 +105,8 @@ def _load(model: str, data: Optional[Path], split: Optional[str], limit: Optiona
     from mm_lens.model.samples import first_per_domain
 
     _quiet_transformers()
+    samples = load_default_samples(split or "test") if data is None else load_samples(data, split)  # checked before the model loads
     hooked = HookedMLLM.from_pretrained(model)
-    samples = load_default_samples(split or "test") if data is None else load_samples(data, split)
     if limit is not None:
         samples = first_per_domain(samples, limit)
     typer.echo(f"{hooked!r}; {len(samples)} samples")

@@ -136,6 +136,7 @@ def score_answers(
     per batch with that batch's ModalityMap. NaN or inf in the scores is an error naming the
     hook and batch unless ``allow_nonfinite``.
     """
+    sample_column(samples, "answer")  # every sample needs its answer, checked before any batch runs
     correct, logprobs, hidden, predictions = [], [], [], []
     chunks = list(sample_chunks(samples, batch_size))
     for number, (start, chunk) in enumerate(tqdm(chunks, desc="answers", disable=not progress, unit="batch")):
