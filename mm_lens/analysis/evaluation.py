@@ -1,175 +1,93 @@
-"""Does switching neurons off hurt the answers? Greedy exact match, answer log-probability
-and the change of the final hidden state, per domain, against matched random controls.
+"""Does switching neurons off hurt the answers? Per evaluation domain, against matched random
+neurons: answer log-probability and its margin over the other answers of its set (what moves
+first), first-token accuracy, greedy exact match, and the change of the final hidden state.
 
 Samples are mappings with ``question``, ``image`` (or None / a list), ``answer`` and
-``domain``. Answers are decoded greedily (the published MMNeuron code sampled at
-temperature 0.9; we don't).
+``domain``; see ``mm_lens.analysis.answers`` for how each sample is scored.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import re
-import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from einops import rearrange, reduce
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mm_lens.base.hooks import block_hook
+from mm_lens.analysis.answers import AnswerScores, answer_sets, score_answers
+from mm_lens.base.display import new_figure
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.model.generation_check import check_generation
 from mm_lens.model.hooked import HookedMLLM
-from mm_lens.model.inputs import answer_token_ids
-from mm_lens.model.samples import (
-    Sample,
-    Samples,
-    chat_prompt,
-    chunk_media,
-    prompt_batch,
-    sample_chunks,
-    sample_column,
-)
-from mm_lens.neurons.deactivation import Deactivation, check_neurons_fit
-from mm_lens.base.display import new_figure
+from mm_lens.model.samples import Samples, prompt_batch, sample_column
+from mm_lens.neurons.deactivation import Deactivation, check_neurons_fit, deactivation_hooks
 from mm_lens.neurons.neuron_set import NeuronSet
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    """VQA-style normal form: lower case, no punctuation or articles, single spaces."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-@dataclass
-class AnswerScores:
-    """Per-sample results of one evaluation run."""
-
-    correct: Bool[Tensor, "sample"]
-    answer_logprob: Float[Tensor, "sample"]
-    final_hidden: Float[Tensor, "sample d_model"]
-    predictions: list[str]
-
-
-def _greedy_answers(model: HookedMLLM, batch: Any, hooks: list, max_new_tokens: int) -> list[str]:
-    """Greedy continuation of each prompt (``model.generate`` with the hooks active)."""
-    with model.hooks(fwd_hooks=hooks):
-        return model.generate(batch, max_new_tokens=max_new_tokens).text
-
-
-def _first_nonfinite(model: HookedMLLM, batch: Any, hooks: list) -> str:
-    """The first residual-stream hook (embedding, then each block's output) holding NaN or
-    inf at a real (unpadded) position of ``batch``, rerun with the same ``hooks``."""
-    names = ["hook_embed"] + [block_hook(layer, "resid_post") for layer in range(model.cfg.n_layers)]
-    keep = batch["attention_mask"].bool()
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        _, cache = model.run_with_cache(batch, names_filter=lambda name: name in names)
-    for name in names:
-        if name in cache and not bool(torch.isfinite(cache[name][keep.to(cache[name].device)]).all()):
-            return name if name == "hook_embed" else f"{name} (layer {name.split('.')[1]})"
-    return "the logits only (every residual hook is finite)"
-
-
-def _teacher_forced(
-    model: HookedMLLM, chunk: Sequence[Sample], deactivate: Deactivation | None, where: str, allow_nonfinite: bool
-):
-    """Sum of the answer tokens' log-probabilities and the last layer's residual at the last
-    prompt position, with the prompt and the answer in one left-padded forward. Inputs the
-    architecture derives from the prompt alone (``spec.prompt_only_inputs``, e.g.
-    InstructBLIP's Q-Former instruction) come from the prompt without the answer. NaN or inf
-    in the log-probabilities is an error naming the first hook that holds it and ``where``
-    (the batch) unless ``allow_nonfinite``."""
-    media = chunk_media(chunk)
-    prompts = [chat_prompt(model, s) for s in chunk]
-    batch = model.prepare_inputs([p + " " + s["answer"] for p, s in zip(prompts, chunk)], **media, chat=False)
-    if model.spec.prompt_only_inputs:
-        question_only = model.prepare_inputs(prompts, **media, chat=False)
-        batch.inputs.update({name: question_only[name] for name in model.spec.prompt_only_inputs})
-    lengths = [len(answer_token_ids(model.processor, p, s["answer"])) for p, s in zip(prompts, chunk)]
-    final = block_hook(model.cfg.n_layers - 1, "resid_post")
-    saved = {}
-
-    def save_final(resid: Tensor, hook: Any) -> None:
-        saved["resid"] = resid.detach()
-
-    hooks = _hooks(model, batch, deactivate) + [(final, save_final)]
-    with torch.no_grad():
-        log_probs = model.run_with_hooks(batch, fwd_hooks=hooks).log_softmax(-1)
-    if not allow_nonfinite and not bool(torch.isfinite(log_probs[batch["attention_mask"].bool()]).all()):
-        raise ValueError(
-            f"NaN or inf in the answer scores of {where}: first seen at {_first_nonfinite(model, batch, hooks)}. "
-            "Check the model, its dtype and the inputs (and the deactivation's replacement values), or pass allow_nonfinite=True"
-        )
-    end, ids = batch["input_ids"].shape[1], batch["input_ids"]
-    logprob = torch.stack([
-        log_probs[row, end - n - 1 : end - 1].gather(-1, ids[row, end - n :, None]).sum() for row, n in enumerate(lengths)
-    ])
-    hidden = torch.stack([saved["resid"][row, end - n - 1] for row, n in enumerate(lengths)])
-    return logprob, hidden
-
-
-def _hooks(model: HookedMLLM, batch: Any, deactivate: Deactivation | None) -> list:
-    return [] if deactivate is None else deactivate.hooks(model, batch.modality_map)
-
-
-def score_answers(
-    model: HookedMLLM,
-    samples: Samples,
-    *,
-    deactivate: Deactivation | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 8,
-    progress: bool = False,
-    allow_nonfinite: bool = False,
-) -> AnswerScores:
-    """Greedy answers with exact match, teacher-forced answer log-probability (sum over the
-    answer's tokens), and the last layer's residual at the last prompt position.
-
-    ``deactivate``: a ``Deactivation`` (neurons, mode, positions, ...); its hooks are rebuilt
-    per batch with that batch's ModalityMap. NaN or inf in the scores is an error naming the
-    hook and batch unless ``allow_nonfinite``.
-    """
-    sample_column(samples, "answer")  # every sample needs its answer, checked before any batch runs
-    correct, logprobs, hidden, predictions = [], [], [], []
-    chunks = list(sample_chunks(samples, batch_size))
-    for number, (start, chunk) in enumerate(tqdm(chunks, desc="answers", disable=not progress, unit="batch")):
-        prompt = prompt_batch(model, chunk)
-        answers = _greedy_answers(model, prompt, _hooks(model, prompt, deactivate), max_new_tokens)
-        predictions += answers
-        correct += [normalize_answer(a) == normalize_answer(s["answer"]) for a, s in zip(answers, chunk)]
-        domains = ", ".join(sorted({str(s.get("domain", "?")) for s in chunk}))
-        where = f"batch {number} (samples {start}-{start + len(chunk) - 1}, domains {domains})"
-        logprob, final = _teacher_forced(model, chunk, deactivate, where, allow_nonfinite)
-        logprobs.append(logprob)
-        hidden.append(final)
-    return AnswerScores(
-        correct=torch.tensor(correct, dtype=torch.bool),
-        answer_logprob=torch.cat(logprobs).double().cpu(),
-        final_hidden=torch.cat(hidden).double().cpu(),
-        predictions=predictions,
-    )
-
-
-METRICS: tuple[str, ...] = ("accuracy", "answer_logprob", "hidden_change")
+METRICS: tuple[str, ...] = ("answer_logprob", "margin", "first_token_accuracy", "accuracy", "hidden_change")
+UNITS = {"answer_logprob": "nats", "margin": "nats", "first_token_accuracy": "", "accuracy": "", "hidden_change": ""}
 UNION = "(all)"  # row of CrossDomainResult with every group's neurons off at once
 
 
 def _per_domain(scores: AnswerScores, baseline: AnswerScores | None, labels: list[str], domains: list[str]) -> dict[str, Tensor]:
-    """Metric -> ``[domain]`` means: accuracy, mean answer log-prob, mean relative change of
-    the final hidden state against ``baseline`` (0 without one)."""
+    """Metric -> ``[domain]`` means (``METRICS``; the margin over the samples whose answer set
+    has another answer); the hidden change is relative to ``baseline`` (0 without one)."""
     change = torch.zeros(len(labels), dtype=torch.float64)
     if baseline is not None:
         change = (scores.final_hidden - baseline.final_hidden).norm(dim=-1) / baseline.final_hidden.norm(dim=-1)
-    per_sample = {"accuracy": scores.correct.double(), "answer_logprob": scores.answer_logprob, "hidden_change": change}
+    per_sample = {
+        "answer_logprob": scores.answer_logprob, "margin": scores.margin,
+        "first_token_accuracy": scores.first_token_correct.double(), "accuracy": scores.correct.double(), "hidden_change": change,
+    }
     masks = [torch.tensor([label == d for label in labels]) for d in domains]
-    return {m: torch.stack([values[mask].mean() for mask in masks]) for m, values in per_sample.items()}
+    return {m: torch.stack([values[mask].nanmean() for mask in masks]) for m, values in per_sample.items()}
+
+
+@dataclass
+class GroupEffect:
+    """What switching one group's neurons off does to one metric, as changes from the
+    baseline: on the group's own domain (``None`` where no domain bears the group's name,
+    e.g. MINER's modalities) and on average over the other domains, each next to the mean
+    and spread of matched random neurons' change and as a multiple of it."""
+
+    group: str
+    own: float | None
+    own_random: float | None
+    own_random_sd: float | None
+    others: float
+    others_random: float
+
+    @staticmethod
+    def ratio(change: float | None, random: float | None) -> float:
+        """``change / random``; inf where random neurons changed nothing."""
+        if change is None or random is None:
+            return math.nan
+        return change / random if random != 0 else (math.inf if change != 0 else math.nan)
+
+    @property
+    def own_ratio(self) -> float:
+        return self.ratio(self.own, self.own_random)
+
+    @property
+    def others_ratio(self) -> float:
+        return self.ratio(self.others, self.others_random)
+
+    @property
+    def beyond_random(self) -> bool:
+        """The own-domain drop exceeds random's by more than two random standard deviations."""
+        if self.own is None or self.own_random is None:
+            return False
+        return self.own < self.own_random - 2 * (self.own_random_sd or 0.0)
+
+
+def _times(ratio: float) -> str:
+    return "n/a" if math.isnan(ratio) else ("∞" if math.isinf(ratio) else f"{ratio:.1f}×")
 
 
 @dataclass
@@ -178,7 +96,8 @@ class CrossDomainResult:
 
     ``baseline[metric]``: ``[domain]``; ``chosen[metric]``: ``[group, domain]`` with group
     ``g``'s neurons off; ``random[metric]``: ``[seed, group, domain]`` with matched random
-    neurons off. Metrics: accuracy (greedy exact match), answer_logprob, hidden_change.
+    neurons off. Metrics (``METRICS``): answer_logprob and margin (nats), first_token_accuracy,
+    accuracy (greedy exact match), hidden_change (relative change of the final residual).
     """
 
     groups: list[str]
@@ -188,17 +107,62 @@ class CrossDomainResult:
     random: dict[str, Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def delta(self, metric: str = "accuracy") -> Float[Tensor, "group domain"]:
-        """Chosen neurons off minus baseline."""
-        return self.chosen[metric] - rearrange(self.baseline[metric], "domain -> 1 domain")
+    @property
+    def metrics(self) -> list[str]:
+        return [m for m in METRICS if m in self.baseline]
 
-    def random_delta(self, metric: str = "accuracy") -> tuple[Tensor, Tensor]:
+    def delta(self, metric: str = "answer_logprob") -> Float[Tensor, "group domain"]:
+        """Chosen neurons off minus baseline."""
+        return self.chosen[self._metric(metric)] - rearrange(self.baseline[metric], "domain -> 1 domain")
+
+    def random_delta(self, metric: str = "answer_logprob") -> tuple[Tensor, Tensor]:
         """Mean and standard deviation over seeds of random-control minus baseline."""
-        deltas = self.random[metric] - rearrange(self.baseline[metric], "domain -> 1 1 domain")
+        deltas = self.random[self._metric(metric)] - rearrange(self.baseline[metric], "domain -> 1 1 domain")
         spread = deltas.std(dim=0, unbiased=False) if deltas.shape[0] > 1 else torch.zeros_like(deltas[0])
         return reduce(deltas, "seed group domain -> group domain", "mean"), spread
 
-    def table(self, metric: str = "accuracy") -> str:
+    def effects(self, metric: str = "answer_logprob") -> list[GroupEffect]:
+        """Each group's own-domain and other-domain change next to random neurons'."""
+        chosen, (random_mean, random_sd) = self.delta(metric), self.random_delta(metric)
+        effects = []
+        for g, group in enumerate(self.groups):
+            own = self.domains.index(group) if group in self.domains else None
+            others = [d for d in range(len(self.domains)) if d != own]
+            effects.append(GroupEffect(
+                group,
+                None if own is None else float(chosen[g, own]),
+                None if own is None else float(random_mean[g, own]),
+                None if own is None else float(random_sd[g, own]),
+                float(chosen[g, others].nanmean()) if others else math.nan,
+                float(random_mean[g, others].nanmean()) if others else math.nan,
+            ))
+        return effects
+
+    def summary(self, metric: str = "answer_logprob") -> str:
+        """Two or three sentences from the measured numbers: the strongest own-domain effects
+        as multiples of random, and how many groups beat random by more than 2 sd."""
+        unit = UNITS[self._metric(metric)]
+        name = metric.replace("_", " ")
+        effects = [e for e in self.effects(metric) if e.group != UNION]
+        owned = [e for e in effects if e.own is not None]
+        if not owned:  # groups are not domains (MINER): say what each does on average
+            parts = [f"{e.group} neurons off change {name} by {e.others:+.3f} {unit} on average ({_times(e.others_ratio)} random)"
+                     for e in effects]
+            return "; ".join(parts) + "." if parts else ""
+        strongest = sorted(owned, key=lambda e: e.own)[:2]
+        sentences = [
+            f"{e.group} neurons off change {e.group} answers' {name} by {e.own:+.3f} {unit}, {_times(e.own_ratio)} the matched "
+            f"random neurons ({e.own_random:+.3f} ± {e.own_random_sd:.3f}); other domains {e.others:+.3f} ({_times(e.others_ratio)} random)."
+            for e in strongest
+        ]
+        beyond = [e.group for e in owned if e.beyond_random]
+        sentences.append(
+            f"{len(beyond)} of {len(owned)} domains' own {name} drops by more than random's mean - 2 sd"
+            + (f" ({', '.join(beyond)})." if beyond else ".")
+        )
+        return " ".join(sentences)
+
+    def table(self, metric: str = "answer_logprob") -> str:
         """Baseline, then per deactivated group: chosen delta and random delta (mean ± std)."""
         chosen, (random_mean, random_std) = self.delta(metric), self.random_delta(metric)
         rows = [
@@ -207,7 +171,9 @@ class CrossDomainResult:
         ]
         width = max(len(x) for x in [*self.domains, *(cell for row in rows for cell in row)]) + 2
         label = max(len(g) for g in self.groups) + 6
-        lines = [f"{metric}: change when each group's neurons are off (random control: mean ± std over {self.random[metric].shape[0]} seeds)"]
+        unit = f" ({UNITS[metric]})" if UNITS[metric] else ""
+        lines = [f"{metric}{unit}: baseline, then the change when each group's neurons are off "
+                 f"(random control: mean ± std over {self.random[metric].shape[0]} seeds)"]
         lines.append(" " * label + "".join(f"{d:>{width}}" for d in self.domains))
         lines.append(f"{'baseline':<{label}}" + "".join(f"{v:>{width}.3f}" for v in self.baseline[metric].tolist()))
         for group, cells in zip(self.groups, rows):
@@ -216,15 +182,16 @@ class CrossDomainResult:
 
     def tables(self) -> str:
         """``table`` of every metric, one after the other."""
-        return "\n\n".join(self.table(metric) for metric in METRICS)
+        return "\n\n".join(self.table(metric) for metric in self.metrics)
 
-    def plot(self, metric: str = "accuracy"):
-        """Heatmaps of the change with the chosen neurons off and with random ones off."""
+    def plot(self, metric: str = "answer_logprob"):
+        """Heatmaps of the change with the chosen neurons off and with random ones off, on
+        one colour scale centred on zero (at least ±0.01, so a table of zeros looks flat)."""
         chosen, (random_mean, _) = self.delta(metric), self.random_delta(metric)
-        limit = max(float(chosen.abs().max()), float(random_mean.abs().max()), 1e-9)
+        limit = max(float(chosen.abs().nan_to_num().max()), float(random_mean.abs().nan_to_num().max()), 0.01)
         figure = new_figure(4 + 1.6 * len(self.domains), 0.9 * len(self.groups) + 2.5)
         axes = figure.subplots(1, 2)
-        for ax, values, title in ((axes[0], chosen, "domain neurons off"), (axes[1], random_mean, "random neurons off (mean)")):
+        for ax, values, title in ((axes[0], chosen, "chosen neurons off"), (axes[1], random_mean, "random neurons off (mean)")):
             image = ax.imshow(values.numpy(), cmap="RdBu", vmin=-limit, vmax=limit)
             ax.set_xticks(range(len(self.domains)), self.domains, rotation=45, ha="right")
             ax.set_yticks(range(len(self.groups)), [f"{g} off" for g in self.groups])
@@ -232,19 +199,27 @@ class CrossDomainResult:
             ax.set_title(f"{title}: Δ {metric}")
             for (i, j), v in zip(((i, j) for i in range(len(self.groups)) for j in range(len(self.domains))), values.flatten().tolist()):
                 ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=8)
-        figure.colorbar(image, ax=axes, shrink=0.8)
+        unit = UNITS[metric]
+        figure.colorbar(image, ax=axes, shrink=0.8, label=f"Δ {metric}" + (f" ({unit})" if unit else ""))
         return figure
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False) -> None:
         """``folder/cross_domain.safetensors``: every matrix, groups, domains and metadata."""
-        tensors = {f"{part}/{metric}": getattr(self, part)[metric] for part in ("baseline", "chosen", "random") for metric in METRICS}
-        save_tensors(Path(folder) / "cross_domain.safetensors", tensors, {"groups": self.groups, "domains": self.domains, "metadata": self.metadata}, "CrossDomainResult", overwrite)
+        tensors = {f"{part}/{metric}": getattr(self, part)[metric] for part in ("baseline", "chosen", "random") for metric in self.metrics}
+        header = {"groups": self.groups, "domains": self.domains, "metrics": self.metrics, "metadata": self.metadata}
+        save_tensors(Path(folder) / "cross_domain.safetensors", tensors, header, "CrossDomainResult", overwrite)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "CrossDomainResult":
         tensors, header = load_tensors(Path(folder) / "cross_domain.safetensors", "CrossDomainResult")
-        parts = {part: {m: tensors[f"{part}/{m}"] for m in METRICS} for part in ("baseline", "chosen", "random")}
+        metrics = header.get("metrics", ["accuracy", "answer_logprob", "hidden_change"])  # files written before margins
+        parts = {part: {m: tensors[f"{part}/{m}"] for m in metrics} for part in ("baseline", "chosen", "random")}
         return cls(header["groups"], header["domains"], metadata=header["metadata"], **parts)
+
+    def _metric(self, metric: str) -> str:
+        if metric not in self.baseline:
+            raise ValueError(f"unknown metric {metric!r}; this result has {', '.join(self.metrics)}")
+        return metric
 
 
 def evaluate_cross_domain(
@@ -254,6 +229,7 @@ def evaluate_cross_domain(
     *,
     seeds: Sequence[int] = (0, 1, 2),
     mode: str = "zero",
+    means: Mapping[str, Tensor] | None = None,
     positions: str | Sequence[str] = "all",
     complementary: bool = False,
     include_union: bool = False,
@@ -266,7 +242,8 @@ def evaluate_cross_domain(
     neurons (one draw per seed); score every sample; average per evaluation domain (the
     samples' ``domain`` labels: domains for MMNeuron, datasets for MINER).
 
-    ``mode``/``positions``/``complementary`` are passed to ``deactivation_hooks``;
+    ``mode``/``means``/``positions``/``complementary`` are passed to ``deactivation_hooks``
+    (``mode="mean"`` needs ``means``, e.g. ``NeuronStats.neuron_means()``);
     ``include_union`` adds a row ``(all)`` with every group's neurons off at once. NaN or inf
     in a run's scores is an error naming the hook and batch unless ``allow_nonfinite``.
     """
@@ -274,7 +251,8 @@ def evaluate_cross_domain(
         raise ValueError("pass at least one seed for the random control")
     check_neurons_fit(model, neuron_set)  # before any control is drawn from its widths
     labels = sample_column(samples, "domain")
-    sample_column(samples, "answer")
+    answer_sets(samples)  # every sample needs an answer among its choices, checked before any run
+    deactivation_hooks(model, neuron_set, mode=mode, means=means)  # the settings are checked before any run
     domains = sorted(set(labels))
     groups: list[str | None] = list(neuron_set.groups) + ([None] if include_union else [])
     runs = [("baseline", None, None)]
@@ -284,7 +262,8 @@ def evaluate_cross_domain(
 
     def run(neurons: NeuronSet | None, group: str | None, baseline: AnswerScores | None):
         deactivate = None if neurons is None else Deactivation(
-            neurons, mode=mode, positions=positions, complementary=complementary, groups=None if group is None else [group]
+            neurons, mode=mode, means=means, positions=positions, complementary=complementary,
+            groups=None if group is None else [group],
         )
         scores = score_answers(
             model, samples, deactivate=deactivate, batch_size=batch_size, max_new_tokens=max_new_tokens,

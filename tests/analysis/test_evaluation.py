@@ -1,4 +1,4 @@
-"""Evaluation: greedy exact match, answer log-probability, hidden change, cross-domain matrix."""
+"""Cross-domain evaluation: every metric per group and domain, random controls, effects vs random."""
 
 from __future__ import annotations
 
@@ -7,68 +7,14 @@ import torch
 from matplotlib.figure import Figure
 
 from helpers import DOMAINS, make_samples
-from mm_lens.analysis.evaluation import METRICS, CrossDomainResult, evaluate_cross_domain, normalize_answer, score_answers
+from mm_lens.analysis.answers import score_answers
+from mm_lens.analysis.evaluation import METRICS, CrossDomainResult, evaluate_cross_domain
 from mm_lens.neurons.neuron_set import NeuronSet
 
 
 @pytest.fixture(scope="module")
 def samples():
     return make_samples(6)
-
-
-def _greedy_reference(hf_model, processor, sample, max_new_tokens):
-    """Token-by-token argmax on an untouched HF model, no cache, one sample at a time."""
-    from mm_lens.model.inputs import encode
-
-    inputs = encode(processor, [sample["question"]], [sample["image"]])
-    eos, image_token = processor.tokenizer.eos_token_id, hf_model.config.image_token_id
-    new = []
-    for _ in range(max_new_tokens):
-        logits = hf_model(**inputs).logits[0, -1]
-        logits[image_token] = -torch.inf
-        token = int(logits.argmax())
-        if token == eos:
-            break
-        new.append(token)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[token]])], dim=1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
-    return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
-
-
-def _answer_logprob_reference(hf_model, processor, sample):
-    from mm_lens.model.inputs import encode, format_prompt
-
-    n_images = 0 if sample["image"] is None else 1
-    prompt = format_prompt(processor, sample["question"], n_images, chat=True)
-    inputs = encode(processor, [prompt + " " + sample["answer"]], [sample["image"]], chat=False)
-    answer = processor.tokenizer(" " + sample["answer"], add_special_tokens=False)["input_ids"]
-    log_probs = hf_model(**inputs).logits[0].log_softmax(-1)
-    length = inputs["input_ids"].shape[1]
-    return sum(float(log_probs[length - len(answer) - 1 + i, t]) for i, t in enumerate(answer))
-
-
-def test_normalize_answer_drops_case_punctuation_and_articles():
-    assert normalize_answer("  The Red, car. ") == "red car"
-    assert normalize_answer("an apple") == normalize_answer("Apple!")
-
-
-def test_greedy_predictions_equal_token_by_token_argmax(model, hf_reference, samples):
-    scores = score_answers(model, samples, batch_size=4, max_new_tokens=3)
-    for sample, prediction in zip(samples, scores.predictions):
-        assert prediction == _greedy_reference(hf_reference, model.processor, sample, 3)
-
-
-def test_exact_match_counts_only_matching_answers(model, samples):
-    predictions = score_answers(model, samples, max_new_tokens=3).predictions
-    relabelled = [dict(s, answer=p if i % 2 == 0 else "zebra") for i, (s, p) in enumerate(zip(samples, predictions))]
-    scores = score_answers(model, relabelled, max_new_tokens=3)
-    assert scores.correct.tolist() == [i % 2 == 0 for i in range(len(samples))]
-
-
-def test_answer_logprob_equals_direct_computation(model, hf_reference, samples):
-    scores = score_answers(model, samples, batch_size=3, max_new_tokens=1)
-    expected = torch.tensor([_answer_logprob_reference(hf_reference, model.processor, s) for s in samples], dtype=torch.float64)
-    assert torch.allclose(scores.answer_logprob, expected, atol=1e-4)
 
 
 def _lm_set(model, chosen):
@@ -125,15 +71,38 @@ def test_union_row_and_complementary_deactivation(model, samples):
     assert everything_but.metadata["complementary"] is True
 
 
-def test_nan_in_a_layer_is_an_error_naming_the_first_hook_and_the_batch(model, samples):
-    layer = model.cfg.n_layers - 1
+def _constructed() -> CrossDomainResult:
+    """Two domain groups and a union row over two domains, three seeds, known numbers."""
+    baseline = {m: torch.tensor([-1.0, -2.0], dtype=torch.float64) for m in METRICS}
+    chosen = {m: torch.tensor([[-1.9, -2.1], [-1.1, -2.05], [-2.0, -3.0]], dtype=torch.float64) for m in METRICS}
+    random = {m: torch.stack([chosen[m] * 0 + baseline[m] + shift for shift in (-0.1, -0.2, -0.3)]) for m in METRICS}
+    return CrossDomainResult(["a", "b", "(all)"], ["a", "b"], baseline, chosen, random)
 
-    def poison(act, hook):
-        act[-1] = float("nan")  # the last row of every batch
-        return act
 
-    with model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_mlp_out", poison)]):
-        with pytest.raises(ValueError, match=rf"batch 0 \(samples 0-2, domains .*\).*blocks\.{layer}\.hook_resid_post \(layer {layer}\)"):
-            score_answers(model, samples, batch_size=3, max_new_tokens=1)
-        scores = score_answers(model, samples, batch_size=3, max_new_tokens=1, allow_nonfinite=True)
-    assert scores.answer_logprob[[2, 5]].isnan().all() and scores.answer_logprob[[0, 1, 3, 4]].isfinite().all()
+def test_effects_put_own_and_other_domains_next_to_random():
+    a, b, union = _constructed().effects("answer_logprob")
+    assert a.own == pytest.approx(-0.9) and a.own_random == pytest.approx(-0.2) and a.own_random_sd == pytest.approx((2 / 300) ** 0.5)
+    assert a.others == pytest.approx(-0.1) and a.others_ratio == pytest.approx(0.5) and a.own_ratio == pytest.approx(4.5)
+    assert a.beyond_random and not b.beyond_random  # b: -0.05 against random -0.2 ± 0.08
+    assert union.own is None and union.others == pytest.approx(-1.0)
+
+
+def test_summary_is_written_from_the_numbers():
+    text = _constructed().summary("answer_logprob")
+    assert text.startswith("a neurons off change a answers' answer logprob by -0.900 nats, 4.5× the matched random neurons (-0.200 ± 0.082)")
+    assert "other domains -0.100 (0.5× random)" in text
+    assert text.endswith("1 of 2 domains' own answer logprob drops by more than random's mean - 2 sd (a).")
+    with pytest.raises(ValueError, match="unknown metric 'loss'"):
+        _constructed().summary("loss")
+
+
+def test_mean_ablation_runs_end_to_end_with_the_statistics_means(model, samples):
+    from mm_lens.neurons.collection import collect_neuron_stats
+
+    neuron_set = _lm_set(model, {"noise": (0, [0, 1, 2])})
+    with pytest.raises(ValueError, match="mode='mean' needs means="):
+        evaluate_cross_domain(model, samples, neuron_set, mode="mean", progress=False)
+    means = collect_neuron_stats(model, samples, modules=["lm_mlp"], progress=False).neuron_means()
+    result = evaluate_cross_domain(model, samples, neuron_set, mode="mean", means=means, seeds=(0,), max_new_tokens=1, progress=False)
+    zero = evaluate_cross_domain(model, samples, neuron_set, seeds=(0,), max_new_tokens=1, progress=False)
+    assert (result.chosen["hidden_change"] > 0).all() and not torch.equal(result.chosen["answer_logprob"], zero.chosen["answer_logprob"])
