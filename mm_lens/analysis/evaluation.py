@@ -36,15 +36,18 @@ UNION = "(all)"  # row of CrossDomainResult with every group's neurons off at on
 
 
 def _per_domain(scores: AnswerScores, baseline: AnswerScores | None, labels: list[str], domains: list[str]) -> dict[str, Tensor]:
-    """Metric -> ``[domain]`` means (``METRICS``; the margin over the samples whose answer set
-    has another answer); the hidden change is relative to ``baseline`` (0 without one)."""
+    """Metric -> ``[domain]`` means (``METRICS``, accuracy only where the run decoded; the
+    margin over the samples whose answer set has another answer); the hidden change is
+    relative to ``baseline`` (0 without one)."""
     change = torch.zeros(len(labels), dtype=torch.float64)
     if baseline is not None:
         change = (scores.final_hidden - baseline.final_hidden).norm(dim=-1) / baseline.final_hidden.norm(dim=-1)
     per_sample = {
         "answer_logprob": scores.answer_logprob, "margin": scores.margin,
-        "first_token_accuracy": scores.first_token_correct.double(), "accuracy": scores.correct.double(), "hidden_change": change,
+        "first_token_accuracy": scores.first_token_correct.double(), "hidden_change": change,
     }
+    if scores.correct is not None:
+        per_sample["accuracy"] = scores.correct.double()
     masks = [torch.tensor([label == d for label in labels]) for d in domains]
     return {m: torch.stack([values[mask].nanmean() for mask in masks]) for m, values in per_sample.items()}
 
@@ -233,6 +236,7 @@ def evaluate_cross_domain(
     positions: str | Sequence[str] = "all",
     complementary: bool = False,
     include_union: bool = False,
+    greedy: bool = True,
     batch_size: int = 8,
     max_new_tokens: int = 8,
     progress: bool = True,
@@ -244,8 +248,10 @@ def evaluate_cross_domain(
 
     ``mode``/``means``/``positions``/``complementary`` are passed to ``deactivation_hooks``
     (``mode="mean"`` needs ``means``, e.g. ``NeuronStats.neuron_means()``);
-    ``include_union`` adds a row ``(all)`` with every group's neurons off at once. NaN or inf
-    in a run's scores is an error naming the hook and batch unless ``allow_nonfinite``.
+    ``include_union`` adds a row ``(all)`` with every group's neurons off at once;
+    ``greedy=False`` skips decoding (no exact-match accuracy; the teacher-forced metrics need
+    one forward per batch). NaN or inf in a run's scores is an error naming the hook and batch
+    unless ``allow_nonfinite``.
     """
     if not seeds:
         raise ValueError("pass at least one seed for the random control")
@@ -266,12 +272,13 @@ def evaluate_cross_domain(
             groups=None if group is None else [group],
         )
         scores = score_answers(
-            model, samples, deactivate=deactivate, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            model, samples, deactivate=deactivate, greedy=greedy, batch_size=batch_size, max_new_tokens=max_new_tokens,
             allow_nonfinite=allow_nonfinite,
         )
         return scores, _per_domain(scores, baseline, labels, domains)
 
-    check_generation(model, prompt_batch(model, list(samples[: min(batch_size, 4)])), max_new_tokens)
+    if greedy:
+        check_generation(model, prompt_batch(model, list(samples[: min(batch_size, 4)])), max_new_tokens)
     bar = tqdm(total=len(runs), desc="cross-domain evaluation", disable=not progress, unit="run")
     base_scores, baseline = run(None, None, None)
     bar.update(1)
@@ -281,8 +288,10 @@ def evaluate_cross_domain(
         bar.update(1)
     bar.close()
 
+    metrics = [m for m in METRICS if m in baseline]
+
     def stack(name: str) -> dict[str, Tensor]:
-        return {m: torch.stack([r[m] for r in results[name]]) for m in METRICS}
+        return {m: torch.stack([r[m] for r in results[name]]) for m in metrics}
 
     chosen = stack("chosen")
     randoms = [stack(f"random{seed}") for seed in seeds]
@@ -291,7 +300,7 @@ def evaluate_cross_domain(
         domains=domains,
         baseline=baseline,
         chosen=chosen,
-        random={m: torch.stack([r[m] for r in randoms]) for m in METRICS},
+        random={m: torch.stack([r[m] for r in randoms]) for m in metrics},
         metadata={"mode": mode, "positions": positions, "complementary": complementary, "seeds": list(seeds), "n_samples": len(labels),
-                  "neurons": neuron_set.metadata, "max_new_tokens": max_new_tokens},
+                  "neurons": neuron_set.metadata, "max_new_tokens": max_new_tokens if greedy else None},
     )
