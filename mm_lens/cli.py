@@ -87,6 +87,7 @@ DataOption = Annotated[Optional[Path], typer.Option(help=DATA_HELP)]
 SplitOption = Annotated[Optional[str], typer.Option(help="Split of a multi-split dataset.")]
 LimitOption = Annotated[Optional[int], typer.Option(help="At most this many samples per domain.")]
 SeedsOption = Annotated[str, typer.Option(help="Seeds of the random-neuron controls.")]
+ModeOption = Annotated[str, typer.Option(help="How neurons are switched off: zero, or mean (their mean activation).")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Recompute into a folder that already holds results.")]
 
 
@@ -113,6 +114,20 @@ def _load(model: str, data: Optional[Path], split: Optional[str], limit: Optiona
     return hooked, samples
 
 
+def _doses(doses: str) -> tuple[float, ...]:
+    try:
+        parsed = tuple(float(d) for d in doses.split(",") if d.strip())
+    except ValueError:
+        raise UserError(f"--doses: {doses!r} is not a comma-separated list of fractions") from None
+    _check(all(0 < d <= 1 for d in parsed) and list(parsed) == sorted(set(parsed)), "--doses",
+           f"{doses!r}: give increasing fractions in (0, 1], e.g. 0.01,0.05,0.2")
+    return parsed
+
+
+def _check_mode(mode: str) -> None:
+    _check(mode in ("zero", "mean"), "--mode", f"{mode!r} is not one of zero, mean")
+
+
 def _seeds(seeds: str) -> tuple[int, ...]:
     try:
         parsed = tuple(int(s) for s in seeds.split(",") if s.strip())
@@ -131,6 +146,8 @@ def neurons(
     out: Path = typer.Option(Path("results/neurons"), help="Results folder."),
     limit: LimitOption = None,
     top_rate: float = typer.Option(0.01, help="Share of each module's neurons kept (LAPE)."),
+    mode: ModeOption = "zero",
+    doses: str = typer.Option("0.01,0.02,0.05,0.1,0.2", help="Shares of neurons for the dose-response curve ('' for none)."),
     evaluation_samples: int = typer.Option(40, help="Samples per domain for the deactivation evaluation."),
     seeds: SeedsOption = "0,1,2",
     batch_size: int = typer.Option(16),
@@ -142,14 +159,20 @@ def neurons(
     _check_out(out, overwrite)
     _check_common(model, data, limit, batch_size)
     _check_fraction("--top-rate", top_rate)
+    _check_mode(mode)
+    doses_ = _doses(doses)
     _check(evaluation_samples >= 1, "--evaluation-samples", f"must be at least 1, got {evaluation_samples}")
     seeds_ = _seeds(seeds)
     hooked, samples = _load(model, data, split, limit)
-    run = run_domain_neurons(hooked, samples, out, overwrite=overwrite, top_rate=top_rate, seeds=seeds_,
+    run = run_domain_neurons(hooked, samples, out, overwrite=overwrite, top_rate=top_rate, mode=mode, seeds=seeds_, doses=doses_,
                              evaluation_samples=evaluation_samples, batch_size=batch_size)
     typer.echo(run.neurons.table())
+    typer.echo(run.evaluation.table("answer_logprob"))
     typer.echo(run.evaluation.table("accuracy"))
-    typer.echo(f"Results in {out}/ (report.html, neurons/, stats.safetensors, evaluation/, *.png)")
+    if run.dose_response is not None:
+        typer.echo(run.dose_response.table())
+    typer.echo(run.evaluation.summary("answer_logprob"))
+    typer.echo(f"Results in {out}/ (report.html, neurons/, stats.safetensors, evaluation/, dose_response/, *.png)")
 
 
 @app.command()
@@ -162,6 +185,7 @@ def miner(
     limit: LimitOption = None,
     ratio: float = typer.Option(0.02, help="Share of LM MLP neurons selected (K = ratio * layers * neurons)."),
     strategy: str = typer.Option("LA_MU", help="LA_MU, adaptive, LU_MA, uniform or random."),
+    mode: ModeOption = "zero",
     evaluation_samples: int = typer.Option(20, help="Samples per dataset for deactivation and convergence."),
     seeds: SeedsOption = "0,1,2",
     batch_size: int = typer.Option(16),
@@ -177,16 +201,19 @@ def miner(
     _check_common(model, data, limit, batch_size)
     _check_fraction("--ratio", ratio)
     _check(strategy in MINER_STRATEGIES, "--strategy", f"{strategy!r} is not one of {', '.join(MINER_STRATEGIES)}")
+    _check_mode(mode)
     _check(evaluation_samples >= 1, "--evaluation-samples", f"must be at least 1, got {evaluation_samples}")
     seeds_ = _seeds(seeds)
     hooked, samples = _load(model, data, split, limit)
     datasets: dict[str, list] = {}
     for i, domain in enumerate(sample_column(samples, "domain")):
         datasets.setdefault(domain, []).append(samples[i])
-    run = run_miner(hooked, datasets, out, overwrite=overwrite, ratio=ratio, strategy=strategy, seeds=seeds_,
+    run = run_miner(hooked, datasets, out, overwrite=overwrite, ratio=ratio, strategy=strategy, mode=mode, seeds=seeds_,
                     evaluation_samples=evaluation_samples, batch_size=batch_size)
     typer.echo(run.neurons.table())
+    typer.echo(run.deactivation.table("answer_logprob"))
     typer.echo(run.deactivation.table("accuracy"))
+    typer.echo(run.deactivation.summary("answer_logprob"))
     typer.echo(f"Results in {out}/ (report.html, scores.safetensors, neurons/, deactivation/, convergence/, *.png)")
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mm_lens.analysis.convergence import ConvergenceResult, analyze_convergence
+from mm_lens.analysis.dose_response import DOSES, DoseResponse, dose_response
 from mm_lens.analysis.evaluation import CrossDomainResult, evaluate_cross_domain
 from mm_lens.analysis.lens import LensSummary, logit_lens_summary
 from mm_lens.analysis.patching import PatchingResult, patch_sweep
@@ -52,6 +53,7 @@ class DomainNeuronRun:
     stats: NeuronStats
     neurons: NeuronSet
     evaluation: CrossDomainResult
+    dose_response: DoseResponse | None
     out: Path
 
 
@@ -73,16 +75,28 @@ def _open_results(out: str | Path, command: str, model: HookedMLLM, samples: Sam
     return open_results_folder(out, manifest, overwrite)
 
 
-def _section(report: HTMLReport, heading: str, table: str, *figures: tuple[Any, str]) -> None:
-    """A report section: heading, a text table, then figures with their captions."""
+def _section(report: HTMLReport, heading: str, table: str, out: Path, *figures: tuple[Any, str, str]) -> None:
+    """A report section: heading, a text table, then figures ``(figure, file name, caption)``
+    saved as PNG files in ``out``."""
     report.add_heading(heading)
     report.add_preformatted(table)
-    for figure, caption in figures:
-        report.add_figure(figure, caption)
+    for figure, name, caption in figures:
+        report.add_figure(figure, caption, dpi=110, save_as=out / name)
 
 
-def _save_figure(figure: Any, path: Path) -> None:
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+def _means(stats: NeuronStats | None, mode: str) -> dict[str, torch.Tensor] | None:
+    """Mean ablation's replacement values: each neuron's mean over the collected positions."""
+    return stats.neuron_means() if mode == "mean" and stats is not None else None
+
+
+def _dose_sentence(curve: DoseResponse, metric: str = "answer_logprob") -> str:
+    """What the largest dose does to each group's own domain, next to random."""
+    dose = curve.doses[-1]
+    parts = []
+    for group in curve.groups:
+        c = curve.curve(group, metric)
+        parts.append(f"{group} {c['chosen'][-1]:+.2f} (random {c['random'][-1]:+.2f})")
+    return f"With {dose:.0%} of each group's neurons off, own-domain {metric.replace('_', ' ')} changes by: " + "; ".join(parts) + "."
 
 
 def run_domain_neurons(
@@ -95,6 +109,7 @@ def run_domain_neurons(
     activation_bar_ratio: float = 0.95,
     mode: str = "zero",
     seeds: Sequence[int] = (0, 1, 2),
+    doses: Sequence[float] = DOSES,
     evaluation_samples: int = 64,
     batch_size: int = 8,
     max_new_tokens: int = 8,
@@ -102,11 +117,14 @@ def run_domain_neurons(
     overwrite: bool = False,
 ) -> DomainNeuronRun:
     """MMNeuron end to end on the samples that have an image: statistics of every neuron
-    module (checkpointed under ``out``), LAPE selection, and deactivation of each domain's
-    neurons against matched random controls, evaluated on the first ``evaluation_samples``
-    samples of each domain. Writes tables, tensors, plots and ``report.html``."""
+    module (checkpointed under ``out``), LAPE selection, deactivation of each domain's
+    neurons against matched random controls (``mode="mean"`` replaces them by their mean
+    over the statistics), evaluated on the first ``evaluation_samples`` samples of each
+    domain, and a dose-response curve over ``doses`` (fractions of neurons; empty: none).
+    Writes tables, tensors, plots and ``report.html``, which opens with what was measured."""
     settings = dict(top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio, mode=mode,
-                    seeds=list(seeds), evaluation_samples=evaluation_samples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+                    seeds=list(seeds), doses=list(doses), evaluation_samples=evaluation_samples, batch_size=batch_size,
+                    max_new_tokens=max_new_tokens)
     out = _open_results(out, "neurons", model, samples, settings, overwrite)
     image_samples = with_images(samples)
     if not image_samples:
@@ -118,29 +136,54 @@ def run_domain_neurons(
     neurons = select_domain_neurons(stats, top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio)
     neurons.save(out / "neurons", overwrite=True)
     (out / "neurons.txt").write_text(neurons.table() + "\n")
-    layers_figure, overlap_figure = neurons.plot(), neurons.plot_overlap("lm_mlp" if "lm_mlp" in neurons.modules else None)
-    _save_figure(layers_figure, out / "neurons_per_layer.png")
-    _save_figure(overlap_figure, out / "neurons_overlap.png")
 
+    evaluated = first_per_domain(image_samples, evaluation_samples)
+    means = _means(stats, mode)
     evaluation = evaluate_cross_domain(
-        model, first_per_domain(image_samples, evaluation_samples), neurons, seeds=seeds, mode=mode,
+        model, evaluated, neurons, seeds=seeds, mode=mode, means=means,
         batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
     )
     evaluation.save(out / "evaluation", overwrite=True)
-    (out / "evaluation.txt").write_text(evaluation.tables() + "\n")
-    accuracy_figure, logprob_figure = evaluation.plot("accuracy"), evaluation.plot("answer_logprob")
-    _save_figure(accuracy_figure, out / "evaluation_accuracy.png")
-    _save_figure(logprob_figure, out / "evaluation_logprob.png")
+    story = evaluation.summary("answer_logprob")
+    curve = None
+    if doses:
+        curve = dose_response(
+            model, evaluated,
+            lambda rate: select_domain_neurons(stats, top_rate=rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio),
+            doses=doses, seeds=seeds, mode=mode, means=means, batch_size=batch_size, progress=progress,
+        )
+        curve.save(out / "dose_response", overwrite=True)
+        (out / "dose_response.txt").write_text(curve.table() + "\n")
+        story += " " + _dose_sentence(curve)
+    (out / "evaluation.txt").write_text(story + "\n\n" + evaluation.tables() + "\n")
 
     report = HTMLReport("Domain-specific neurons (MMNeuron)")
-    report.add_text(f"Model: {getattr(model.cfg, 'model_name', '?')}; {len(image_samples)} image samples; domains: {', '.join(stats.domains)}.")
-    _section(report, "Neurons per domain, module and layer", neurons.table(),
-             (layers_figure, "Domain-specific neurons over layers, per module"), (overlap_figure, "Neurons shared between domains"))
-    _section(report, "Switching each domain's neurons off, against matched random neurons", evaluation.tables(),
-             (accuracy_figure, "Change of greedy exact-match accuracy"), (logprob_figure, "Change of answer log-probability"))
+    report.add_text(story)
+    report.add_text(f"Model: {getattr(model.cfg, 'model_name', '?')}; {len(image_samples)} image samples "
+                    f"({len(evaluated)} evaluated); domains: {', '.join(stats.domains)}; LAPE top rate {top_rate:g}; "
+                    f"deactivation: {mode}; random controls: seeds {', '.join(map(str, seeds))}.")
+    _section(report, "Switching each domain's neurons off, against matched random neurons", evaluation.tables(), out,
+             (evaluation.plot("answer_logprob"), "evaluation_logprob.png", "Change of the answer's log-probability (nats)"),
+             (evaluation.plot("margin"), "evaluation_margin.png", "Change of the answer's margin over the other answers of its set (nats)"),
+             (evaluation.plot("accuracy"), "evaluation_accuracy.png", "Change of greedy exact-match accuracy"))
+    if curve is not None:
+        _section(report, "Dose-response: more neurons off", curve.table(), out,
+                 (curve.plot(), "dose_response.png", "Own-domain change of the answer log-prob; grey: random neurons (mean ± sd)"))
+    _section(report, "Neurons per domain, module and layer", neurons.table(), out,
+             (neurons.plot(), "neurons_per_layer.png", "Domain-specific neurons over layers, per module"),
+             (neurons.plot_overlap("lm_mlp" if "lm_mlp" in neurons.modules else None), "neurons_overlap.png",
+              "Neurons shared between domains"))
     report.save(out / "report.html")
     close_results_folder(out)
-    return DomainNeuronRun(stats, neurons, evaluation, out)
+    return DomainNeuronRun(stats, neurons, evaluation, curve, out)
+
+
+def _miner_means(model: HookedMLLM, samples: Samples, mode: str, batch_size: int) -> dict[str, torch.Tensor] | None:
+    """For ``mode="mean"``: each LM MLP neuron's mean over the evaluated samples' positions."""
+    if mode != "mean":
+        return None
+    stats = collect_neuron_stats(model, samples, modules=["lm_mlp"], classes=["all"], batch_size=batch_size, progress=False)
+    return stats.neuron_means()
 
 
 def run_miner(
@@ -180,42 +223,36 @@ def run_miner(
     neurons = select_modality_neurons(scores, weights=weights, ratio=ratio, strategy=strategy)
     neurons.save(out / "neurons", overwrite=True)
     (out / "neurons.txt").write_text(neurons.table() + "\n\noverlap between modalities\n" + str(neurons.overlap().tolist()) + "\n")
-    layers_figure, overlap_figure = neurons.plot_layers("lm_mlp"), neurons.plot_overlap()
-    _save_figure(layers_figure, out / "neurons_per_layer.png")
-    _save_figure(overlap_figure, out / "neurons_overlap.png")
 
     evaluation = [
         dict(s, domain=name) for name, samples in datasets.items() for s in list(samples)[:evaluation_samples]
     ]
     deactivation = evaluate_cross_domain(
-        model, evaluation, neurons, seeds=seeds, mode=mode, include_union=True,
-        batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+        model, evaluation, neurons, seeds=seeds, mode=mode, means=_miner_means(model, evaluation, mode, batch_size),
+        include_union=True, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
     )
     deactivation.save(out / "deactivation", overwrite=True)
-    (out / "deactivation.txt").write_text(
-        deactivation.tables() + "\n"
-    )
-    accuracy_figure = deactivation.plot("accuracy")
-    _save_figure(accuracy_figure, out / "deactivation_accuracy.png")
-    _save_figure(deactivation.plot("answer_logprob"), out / "deactivation_logprob.png")
+    story = deactivation.summary("answer_logprob") + " " + deactivation.summary("accuracy")
+    (out / "deactivation.txt").write_text(story + "\n\n" + deactivation.tables() + "\n")
 
     with_answers = [s for s in evaluation if s.get("answer")]
     positional = [m for m in modalities if m in MODALITIES]  # special_text / prompt are unions, not curves
     convergence = analyze_convergence(model, with_answers, modalities=positional, neurons=neurons, batch_size=batch_size, progress=progress)
     convergence.save(out / "convergence", overwrite=True)
     (out / "convergence.txt").write_text(convergence.table() + "\n")
-    convergence_figure = convergence.plot()
-    _save_figure(convergence_figure, out / "convergence.png")
 
     report = HTMLReport("Modality-specific neurons (MINER)")
+    report.add_text(story)
     report.add_text(f"Datasets: {', '.join(f'{k} ({len(v)})' for k, v in datasets.items())}; modalities: {', '.join(modalities)}; "
-                    f"ratio {ratio}, strategy {strategy}.")
-    _section(report, "Neurons per modality and layer", neurons.table(),
-             (layers_figure, "Modality-specific neurons over layers"), (overlap_figure, "Neurons shared between modalities"))
-    _section(report, "Switching them off, against matched random neurons", deactivation.tables(),
-             (accuracy_figure, "Change of accuracy per dataset"))
-    _section(report, "Convergence of modalities over layers", convergence.table(),
-             (convergence_figure, "Solid: as is; dashed: modality-specific neurons off"))
+                    f"ratio {ratio}, strategy {strategy}; deactivation: {mode}.")
+    _section(report, "Switching them off, against matched random neurons", deactivation.tables(), out,
+             (deactivation.plot("answer_logprob"), "deactivation_logprob.png", "Change of the answer log-prob per dataset (nats)"),
+             (deactivation.plot("accuracy"), "deactivation_accuracy.png", "Change of greedy exact-match accuracy per dataset"))
+    _section(report, "Neurons per modality and layer", neurons.table(), out,
+             (neurons.plot_layers("lm_mlp"), "neurons_per_layer.png", "Modality-specific neurons over layers"),
+             (neurons.plot_overlap(), "neurons_overlap.png", "Neurons shared between modalities"))
+    _section(report, "Convergence of modalities over layers", convergence.table(), out,
+             (convergence.plot(), "convergence.png", "Solid: as is; dashed: modality-specific neurons off"))
     report.save(out / "report.html")
     close_results_folder(out)
     return MinerRun(scores, neurons, deactivation, convergence, out)
@@ -281,29 +318,30 @@ def run_patching(
     (out / "pair.json").write_text(json.dumps({"clean": {k: clean_sample[k] for k in ("question", "answer", "domain")},
                                                "corrupted": {k: corrupted_sample[k] for k in ("question", "answer", "domain")},
                                                "description": description}, indent=2))
-    position_figure = by_position.plot()
-    _save_figure(position_figure, out / "by_position.png")
     strongest = by_cell.layers[int(by_cell.effect.abs().sum(1).argmax())]
     mm = clean.modality_map
     figure = heatmap_for(model, clean, by_cell.position_values(strongest, mm.shape), image_index=0, view=0,
                          image=clean_sample["image"], cmap="RdBu", title=f"patching effect per image cell, layer {strongest}")
-    _save_figure(figure, out / "by_cell_over_image.png")
 
     report = HTMLReport("Activation patching across images")
     report.add_text(description)
-    report.add_figure(position_figure, "Effect per layer and position (0 = corrupted, 1 = clean)")
-    report.add_figure(figure, f"Effect per image cell at layer {strongest}, over the clean picture")
-    report.add_figure(by_cell.plot(), "Effect per layer and image cell")
+    report.add_figure(by_position.plot(), "Effect per layer and position (0 = corrupted, 1 = clean)", save_as=out / "by_position.png")
+    report.add_figure(figure, f"Effect per image cell at layer {strongest}, over the clean picture", save_as=out / "by_cell_over_image.png")
+    report.add_figure(by_cell.plot(), "Effect per layer and image cell", save_as=out / "by_cell.png")
     report.save(out / "report.html")
     close_results_folder(out)
     return PatchingRun(by_position, by_cell, description, out)
 
 
 def folder_report(folder: str | Path) -> Path:
-    """Rebuild ``report.html`` of a results folder from its text tables and PNG plots."""
+    """Rebuild ``report.html`` of a results folder: from ``report.json`` (the command's own
+    text, tables and captions, with the PNG files read again) where the command wrote one,
+    else from the folder's text tables and PNG plots."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a results folder")
+    if (folder / "report.json").is_file():
+        return HTMLReport.rebuild(folder / "report.html").save(folder / "report.html")
     tables, pictures = sorted(folder.glob("*.txt")), sorted(folder.glob("*.png"))
     if not tables and not pictures:
         raise ValueError(f"{folder} holds no tables (*.txt) or plots (*.png); run an analysis command first")
@@ -350,12 +388,11 @@ def run_logit_lens(
     else:
         text += f"no three-stage split: the model has {len(summary.layers)} layer(s), fewer than 3\n"
     (out / "logit_lens.txt").write_text(text)
-    figure = summary.plot()
-    _save_figure(figure, out / "logit_lens.png")
     report = HTMLReport("Logit lens on image tokens")
     report.add_text(f"{len(image_samples)} samples; positions: {positions}; final norm and unembedding applied to each layer's residual.")
     report.add_preformatted(text)
-    report.add_figure(figure, "Entropy of the lens distribution per layer (± std over positions), stage boundaries dashed")
+    report.add_figure(summary.plot(), "Entropy of the lens distribution per layer (± std over positions), stage boundaries dashed",
+                      save_as=out / "logit_lens.png")
     report.save(out / "report.html")
     close_results_folder(out)
     return LogitLensRun(summary, out)

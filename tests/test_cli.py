@@ -27,8 +27,10 @@ def test_inspect_writes_summary(tmp_path):
 @pytest.mark.parametrize(
     "command,extra,files",
     [
-        ("neurons", ["--limit", "6", "--evaluation-samples", "2", "--seeds", "0"], ["neurons.txt", "evaluation.txt", "neurons_per_layer.png"]),
-        ("miner", ["--limit", "4", "--evaluation-samples", "2", "--seeds", "0", "--ratio", "0.05"], ["neurons.txt", "deactivation.txt", "convergence.png"]),
+        ("neurons", ["--limit", "6", "--evaluation-samples", "2", "--seeds", "0", "--doses", "0.01,0.1"],
+         ["neurons.txt", "evaluation.txt", "neurons_per_layer.png", "dose_response.txt", "dose_response.png", "evaluation_margin.png"]),
+        ("miner", ["--limit", "4", "--evaluation-samples", "2", "--seeds", "0", "--ratio", "0.05", "--mode", "mean"],
+         ["neurons.txt", "deactivation.txt", "convergence.png"]),
         ("logit-lens", ["--limit", "3"], ["logit_lens.txt", "logit_lens.png", "lens.safetensors"]),
         ("patch", ["--domain", "scene"], ["by_position.png", "by_cell_over_image.png", "pair.json"]),
     ],
@@ -37,8 +39,11 @@ def test_analysis_command_writes_results_folder(command, extra, files, tmp_path)
     _run(command, "--out", str(tmp_path), *extra)
     for name in files + ["report.html"]:
         assert (tmp_path / name).stat().st_size > 0, name
-    assert not remote_references((tmp_path / "report.html").read_text())
-    _run("report", str(tmp_path))
+    page = (tmp_path / "report.html").read_text()
+    assert not remote_references(page)
+    (tmp_path / "report.html").unlink()
+    _run("report", str(tmp_path))  # rebuilt with the command's own text, tables and figures
+    assert (tmp_path / "report.html").read_text() == page
 
 
 def test_commands_accept_a_dataset_folder(tmp_path):
@@ -65,6 +70,9 @@ def test_build_tiny_rejects_unknown_arch(tmp_path):
         (["neurons", "--limit", "0"], "--limit: must be at least 1, got 0"),
         (["miner", "--ratio", "2"], "--ratio: must be a fraction in (0, 1], got 2.0"),
         (["miner", "--strategy", "best"], "--strategy: 'best' is not one of LA_MU"),
+        (["neurons", "--mode", "half"], "--mode: 'half' is not one of zero, mean"),
+        (["neurons", "--doses", "0.2,0.1"], "--doses: '0.2,0.1': give increasing fractions"),
+        (["neurons", "--doses", "a"], "--doses: 'a' is not a comma-separated list of fractions"),
         (["patch", "--hook", "resid"], "--hook: 'resid' is not one of resid_pre"),
         (["patch", "--metric", "acc"], "--metric: 'acc' is not one of logit_diff"),
         (["logit-lens", "--batch-size", "-1"], "--batch-size: must be at least 1, got -1"),

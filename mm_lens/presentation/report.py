@@ -2,6 +2,10 @@
 circuitsvis views of an analysis. Figures are embedded as base64 PNG, views render from
 circuitsvis' bundle inlined once in the page: the file opens offline and references nothing
 remote.
+
+Beside ``report.html``, ``save`` writes ``report.json``: the page's parts in order, with
+figures saved as PNG files in the folder referenced by name, so ``HTMLReport.rebuild`` (the
+``mm-lens report`` command) makes the same page again, with the figures' current files.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -74,12 +79,20 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _figure_html(png: bytes, caption: str | None) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    alt = html.escape(caption or "figure")
+    figcaption = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">{figcaption}</figure>'
+
+
 class HTMLReport:
     """Collects sections and writes them as one HTML file (``save``)."""
 
     def __init__(self, title: str):
         self.title = title
         self._parts: list[str] = []
+        self._files: dict[int, tuple[Path, str | None]] = {}  # part index -> (PNG file, caption)
         self._needs_circuitsvis = False
 
     def add_heading(self, text: str, level: int = 2) -> HTMLReport:
@@ -134,19 +147,21 @@ class HTMLReport:
         self._parts.append("\n".join(out))
         return self
 
-    def add_figure(self, fig: Any, caption: str | None = None, dpi: int = 100) -> HTMLReport:
-        """A matplotlib figure, embedded as a base64 PNG."""
+    def add_figure(self, fig: Any, caption: str | None = None, dpi: int = 100, save_as: str | Path | None = None) -> HTMLReport:
+        """A matplotlib figure, embedded as a base64 PNG; with ``save_as`` also written to
+        that PNG file (which ``rebuild`` reads again)."""
+        if save_as is not None:
+            fig.savefig(save_as, format="png", dpi=dpi, bbox_inches="tight")
+            return self.add_image(Path(save_as), caption)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-        self.add_image(buffer.getvalue(), caption)
-        return self
+        return self.add_image(buffer.getvalue(), caption)
 
     def add_image(self, png: bytes | str | Path, caption: str | None = None) -> HTMLReport:
         """A PNG image (bytes or a file), embedded as base64."""
-        data = base64.b64encode(png if isinstance(png, bytes) else Path(png).read_bytes()).decode("ascii")
-        alt = html.escape(caption or "figure")
-        figcaption = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        self._parts.append(f'<figure><img alt="{alt}" src="data:image/png;base64,{data}">{figcaption}</figure>')
+        if not isinstance(png, bytes):
+            self._files[len(self._parts)] = (Path(png).resolve(), caption)
+        self._parts.append(_figure_html(png if isinstance(png, bytes) else Path(png).read_bytes(), caption))
         return self
 
     def add_view(self, view: Any) -> HTMLReport:
@@ -182,8 +197,37 @@ class HTMLReport:
         return "<!DOCTYPE html>\n<html>\n<head>\n" + "\n".join(head) + "\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
 
     def save(self, path: str | Path) -> Path:
-        """Write the report to ``path`` (one file, no external resources)."""
+        """Write the report to ``path`` (one file, no external resources) and its parts to
+        ``path`` with suffix ``.json`` (figures in that folder by file name)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_html(), encoding="utf-8")
+        folder = path.parent.resolve()
+        parts: list[dict[str, Any]] = []
+        for i, part in enumerate(self._parts):
+            file, caption = self._files.get(i, (None, None))
+            if file is not None and file.parent == folder:
+                parts.append({"image": file.name, "caption": caption})
+            else:
+                parts.append({"html": part})
+        recipe = {"title": self.title, "circuitsvis": self._needs_circuitsvis, "parts": parts}
+        path.with_suffix(".json").write_text(json.dumps(recipe, indent=1), encoding="utf-8")
         return path
+
+    @classmethod
+    def rebuild(cls, path: str | Path) -> HTMLReport:
+        """The report saved at ``path`` (its ``.json`` parts), with every figure read again
+        from its PNG file; a figure file that is gone is an error naming it."""
+        path = Path(path)
+        recipe = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        report = cls(recipe["title"])
+        report._needs_circuitsvis = recipe["circuitsvis"]
+        for part in recipe["parts"]:
+            if "image" in part:
+                file = path.parent / part["image"]
+                if not file.is_file():
+                    raise FileNotFoundError(f"the report's figure {file} is gone; rerun the analysis to make it again")
+                report.add_image(file, part["caption"])
+            else:
+                report._parts.append(part["html"])
+        return report

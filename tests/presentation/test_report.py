@@ -73,3 +73,15 @@ def test_raw_html_and_views_keep_their_order():
     assert page.index("id='first'") < page.index("CircuitsVis.render(") < page.index("<h3>end</h3>")
     with pytest.raises(TypeError, match="add_html"):
         report.add_view("<div></div>")
+
+
+def test_rebuild_makes_the_same_page_and_reads_the_figures_again(tmp_path):
+    report = HTMLReport("Run").add_text("measured: 0.8 nats, 6× random").add_table([{"layer": 0, "entropy": 1.5}])
+    report.add_figure(small_figure(), caption="kept as a file", save_as=tmp_path / "line.png")
+    report.add_figure(small_figure(), caption="embedded only")
+    report.add_view(tokens_view("view"))
+    page = report.save(tmp_path / "report.html").read_text()
+    assert HTMLReport.rebuild(tmp_path / "report.html").to_html() == page
+    (tmp_path / "line.png").unlink()
+    with pytest.raises(FileNotFoundError, match="line.png is gone; rerun the analysis"):
+        HTMLReport.rebuild(tmp_path / "report.html")
