@@ -26,6 +26,7 @@ Decisions:
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -329,11 +330,21 @@ class LensSummary:
 
     def plot(self):
         """Left: mean entropy per layer and domain with a ±1 std band, dashed lines at the
-        stage boundaries. Right: the most frequent top token per layer and domain."""
+        stage boundaries (or a note that there are too few layers for them), and the uniform
+        distribution's entropy ln|V| as the ceiling. Right: the most frequent top token per
+        layer and domain."""
         domains = self._domains_with_data()
         figure = new_figure(13, max(4.0, 0.28 * len(self.layers) + 1.5))
         curves, tokens = figure.subplots(1, 2, width_ratios=[3, 2])
         stages = self.stages() if len(self.layers) >= 3 else {}
+        vocab = self.metadata.get("vocab_size")
+        if vocab:
+            curves.axhline(math.log(vocab), color="0.4", linestyle=":", linewidth=1)
+            curves.annotate(f"ln|V| = {math.log(vocab):.2f} (uniform over {vocab:,} tokens)", (0.01, math.log(vocab)),
+                            xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="0.3")
+        if len(self.layers) < 3:
+            curves.text(0.5, 0.02, f"no stage split: {len(self.layers)} layer(s), three stages need at least 3",
+                        transform=curves.transAxes, ha="center", fontsize=8, color="0.3")
         mean, std = self.mean(), self.std()
         for d in domains:
             i = self.domains.index(d)
@@ -442,5 +453,5 @@ def logit_lens_summary(
         top_counts={d: [dict(c) for c in counts[i]] for i, d in enumerate(domain_list)},
         token_strings=strings,
         metadata={"positions": positions if isinstance(positions, str) else list(positions), "batch_size": batch_size,
-                  "n_samples": len(labels), "model": getattr(model.cfg, "model_name", None)},
+                  "n_samples": len(labels), "model": getattr(model.cfg, "model_name", None), "vocab_size": int(model.cfg.d_vocab)},
     )

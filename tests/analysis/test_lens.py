@@ -3,6 +3,7 @@ against the model's own log-probabilities, the dataset summary, and the stage ru
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 
@@ -225,7 +226,12 @@ def test_summary_saves_and_loads(model, tmp_path):
     assert loaded.top_counts == summary.top_counts and loaded.token_strings == summary.token_strings
     assert loaded.metadata == summary.metadata
     assert "entropy mean ± std" in loaded.table()
-    loaded.plot()  # two layers: curves without stage lines
+    curves = loaded.plot().axes[0]  # two layers: curves without stage lines, and a note saying why
+    texts = [t.get_text() for t in curves.texts]
+    assert "no stage split: 2 layer(s), three stages need at least 3" in texts
+    ceiling = math.log(model.cfg.d_vocab)
+    assert any(f"ln|V| = {ceiling:.2f}" in t for t in texts)
+    assert any(list(line.get_ydata()) == [ceiling, ceiling] for line in curves.lines)
 
 
 def test_summary_rejects_bad_arguments(model):
