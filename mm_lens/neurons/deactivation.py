@@ -1,6 +1,6 @@
 """Turn neurons off: hooks that overwrite chosen channels of the neuron hook points.
 
-Both papers deactivate the neurons they find and measure what breaks (REFERENCE §1, §2).
+Both papers deactivate the neurons they find and measure what breaks (MMNeuron and MINER).
 Neurons come as ``{module: [index tensor per layer]}`` with the module names of
 ``model.neuron_hooks`` (``lm_mlp``, ``vision_mlp``, ``projector``); a ``NeuronSet`` (any
 object with ``.union(groups)`` returning that dict) is accepted too.

@@ -1,4 +1,4 @@
-"""LAPE selection (REFERENCE §1 steps 1-7) on hand-made and random counts."""
+"""LAPE selection (MMNeuron's steps 1-7, see mm_lens.neurons.lape) on hand-made and random counts."""
 
 from __future__ import annotations
 
