@@ -1,4 +1,5 @@
-"""LAPE: domain-specific neurons by log-probability entropy (MMNeuron, Huang et al. 2024, "MMNeuron: Discovering Neuron-Level Domain-Specific Interpretation in Multimodal Large Language Model").
+"""LAPE: domain-specific neurons by log-probability entropy (Huo et al. 2024, "MMNeuron:
+Discovering Neuron-Level Domain-Specific Interpretation in Multimodal Large Language Model").
 
 Input is what a counting pass over a domain's positions produces: ``over_zero[layer, neuron,
 domain]`` (positions where the neuron's activation was > 0) and ``n_tokens[domain]``

@@ -1,4 +1,5 @@
-"""MINER: modality-specific neurons from importance scores (Huang et al., "MINER: Mining the Underlying Pattern of Modality-Specific Neurons in Multimodal Large Language Models").
+"""MINER: modality-specific neurons from importance scores (Huang et al., "MINER: Mining the
+Underlying Pattern of Modality-Specific Neurons in Multimodal Large Language Models").
 
 Pure tensor core of stages 2-4; the forward passes that produce ``act`` and ``attn`` live at
 the edges. Per sample, layer and modality ``m`` (``A`` = MLP ``act_fn`` output at m's tokens,
