@@ -10,15 +10,16 @@ batch of copies of the target run resumed at the patched layer.
 
 TransformerLens' own ``transformer_lens.patching`` calls ``model.run_with_hooks(tokens)``
 with tokens only; ``with_inputs(model, batch)`` gives it a model that adds the batch's
-images (see docs/patching.md).
+images (see docs/patching.md), and refuses cached activations that do not line up with them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -31,7 +32,7 @@ from mm_lens.base.fast_path import agreeing
 from mm_lens.base.hooks import block_hook, resolve_layers
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import ModalityMap, position_mask
-from mm_lens.model.hooked import HookedMLLM
+from mm_lens.model.hooked import HookedMLLM, map_difference
 from mm_lens.model.inputs import MultimodalBatch
 
 HOOKS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_act")
@@ -39,7 +40,8 @@ METRICS = ("logit_diff", "prob", "kl")
 
 
 def check_counterfactual(clean: MultimodalBatch, corrupted: MultimodalBatch) -> None:
-    """Raise ``ValueError`` unless the batches differ only in their images."""
+    """Raise ``ValueError`` unless the batches differ only in their images (same token ids
+    and masks, and the same layout of every image: tiles, grid cells and features)."""
     a, b = clean["input_ids"], corrupted["input_ids"]
     if a.shape != b.shape:
         raise ValueError(
@@ -54,6 +56,12 @@ def check_counterfactual(clean: MultimodalBatch, corrupted: MultimodalBatch) -> 
         )
     if not torch.equal(clean.get("attention_mask", torch.ones_like(a)), corrupted.get("attention_mask", torch.ones_like(b))):
         raise ValueError("clean and corrupted attention masks differ; build both batches with the same padding side")
+    difference = map_difference(clean.modality_map, corrupted.modality_map, ("the clean batch", "the corrupted batch"))
+    if difference is not None:
+        raise ValueError(
+            f"clean and corrupted images are laid out differently ({difference}); "
+            "use images of the same size so that every image token means the same patch in both"
+        )
 
 
 @dataclass
@@ -380,9 +388,15 @@ class FixedInputs:
     ``run_with_cache`` take token ids only and add the batch's images and attention mask.
 
     The token ids passed in must be the batch's own (TL passes the corrupted tokens back).
+    A hook carrying cached activations (TL's patching binds the clean cache's with
+    ``functools.partial``) is refused, with a ``ValueError`` naming what differs, when they
+    do not line up with the batch: another shape, or a cache (of ``model.run_with_cache``)
+    whose batch places media or padding elsewhere (``HookedMLLM.check_aligned``).
     """
 
-    def __init__(self, model: HookedMLLM, batch: MultimodalBatch):
+    def __init__(self, model: HookedMLLM, batch: MultimodalBatch | Mapping[str, Any]):
+        if not isinstance(batch, MultimodalBatch):
+            batch = MultimodalBatch(dict(batch), model.modality_map(batch))
         self.model, self.batch = model, batch
         self.cfg = model.cfg
         self.training = False
@@ -392,8 +406,21 @@ class FixedInputs:
             raise ValueError("these token ids are not the batch's; build FixedInputs with the batch you patch into")
         return dict(self.batch.inputs)
 
+    def _checked(self, name: str, fn: Callable) -> Callable:
+        """``fn``, first checking the cached activations bound to it against what it hooks."""
+        bound = [*fn.args, *fn.keywords.values()] if isinstance(fn, functools.partial) else []
+        cached = [value for value in bound if isinstance(value, Tensor)]
+
+        def checked(activation: Tensor, hook: Any) -> Any:
+            for value in cached:
+                self.model.check_aligned(value, self.batch.modality_map, name, activation.shape)
+            return fn(activation, hook=hook)
+
+        return checked
+
     def run_with_hooks(self, tokens: Tensor, fwd_hooks=(), **kwargs: Any) -> Any:
-        return self.model.run_with_hooks(fwd_hooks=fwd_hooks, **self._inputs(tokens), **kwargs)
+        hooks = [(name, self._checked(name if isinstance(name, str) else "activation", hook)) for name, hook in fwd_hooks]
+        return self.model.run_with_hooks(fwd_hooks=hooks, **self._inputs(tokens), **kwargs)
 
     def run_with_cache(self, tokens: Tensor, **kwargs: Any) -> Any:
         return self.model.run_with_cache(**self._inputs(tokens), **kwargs)
@@ -405,6 +432,7 @@ class FixedInputs:
         return self
 
 
-def with_inputs(model: HookedMLLM, batch: MultimodalBatch) -> FixedInputs:
-    """``model`` with ``batch``'s images bound, for ``transformer_lens.patching`` functions."""
+def with_inputs(model: HookedMLLM, batch: MultimodalBatch | Mapping[str, Any]) -> FixedInputs:
+    """``model`` with ``batch``'s images bound, for ``transformer_lens.patching`` functions;
+    cached activations that do not line up with ``batch`` are refused (see ``FixedInputs``)."""
     return FixedInputs(model, batch)

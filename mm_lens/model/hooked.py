@@ -2,8 +2,10 @@
 
 Calls take the HF model's own keyword inputs (``input_ids``, ``attention_mask``,
 ``pixel_values``, ``image_sizes``, ...) or a ``MultimodalBatch``; every TL tool
-(``run_with_hooks``, ``run_with_cache``, ``hooks()``, hook names, ``ActivationCache``) works
-on image tokens as on text.
+(``run_with_hooks``, ``run_with_cache``, ``hooks()``, hook names, ``ActivationCache`` and its
+residual decompositions) works on image tokens as on text: ``hook_embed`` holds the
+embeddings the language model receives, media features included (see
+``architectures.bridge_components.MediaEmbeddingBridge``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 from unittest import mock
@@ -28,7 +31,7 @@ from mm_lens.model.architectures import ArchitectureSpec, spec_for
 from mm_lens.model.architectures.bridge_components import read_cache_keyword
 from mm_lens.model.generation import Generation, StepRecorder, ended_rows, sequence_batch
 from mm_lens.model.inputs import ImagesPerPrompt, MediaPerPrompt, MultimodalBatch, encode
-from mm_lens.base.modality import ModalityMap, build_modality_map
+from mm_lens.base.modality import MODALITIES, ModalityMap, build_modality_map
 
 ASSETS = Path(__file__).parents[1] / "assets"
 DEFAULT_MODEL = ASSETS / "default_model"
@@ -108,6 +111,7 @@ class HookedMLLM(torch.nn.Module):
         self.bridge = bridge
         self.processor = processor
         self.spec = spec
+        self._cached_maps: dict[int, ModalityMap] = {}  # id of a run_with_cache activation -> its batch's map
         bridge.original_model.register_forward_pre_hook(self._refuse_runs_without_media, with_kwargs=True)
         self.eval()  # analyses run in evaluation mode, as HF's from_pretrained leaves models
 
@@ -125,7 +129,7 @@ class HookedMLLM(torch.nn.Module):
     ) -> "HookedMLLM":
         """Load from a local folder (or a hub name when online), or wrap ``hf_model``.
         ``"default"`` is the small model organism shipped with mm_lens (trained by
-        ``scripts/train_default_model.py`` on ``mm_lens.base.data``).
+        ``scripts/train_default_model.py`` on ``mm_lens.base.synthetic``).
 
         The architecture is checked before anything heavy is loaded. ``hf_model`` is used
         as is (TransformerLens rewires its modules in place); its folder still provides the
@@ -301,8 +305,11 @@ class HookedMLLM(torch.nn.Module):
             self.spec.check_inputs(self.hf_model.config, inputs)
         return inputs
 
-    def _split(self, batch: Mapping[str, Any] | torch.Tensor | None, inputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Validated (input_ids, other HF kwargs) from a batch and/or keyword inputs."""
+    def _split(
+        self, batch: Mapping[str, Any] | torch.Tensor | None, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, Any], ModalityMap]:
+        """Validated (input_ids, other HF kwargs, their ModalityMap) from a batch and/or
+        keyword inputs."""
         if batch is not None:
             if isinstance(batch, torch.Tensor):
                 inputs = {"input_ids": batch, **inputs}
@@ -311,15 +318,14 @@ class HookedMLLM(torch.nn.Module):
         names = ("input_ids", "attention_mask", *self.spec.input_names)
         # a MultimodalBatch was checked when its map was built; anything else is checked here
         already_checked = isinstance(batch, MultimodalBatch) and not any(k in names for k in inputs)
-        if not already_checked:
-            self.modality_map({k: v for k, v in inputs.items() if k in names})
+        mm = batch.modality_map if already_checked else self.modality_map({k: v for k, v in inputs.items() if k in names})
         rest = {k: v for k, v in inputs.items() if k != "input_ids"}
-        return inputs["input_ids"], rest
+        return inputs["input_ids"], rest, mm
 
     # ---- running -------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any] | torch.Tensor | None = None, /, return_type: str | None = "logits", **inputs: Any) -> Any:
         """Logits ``[batch, pos, d_vocab]`` (or ``return_type`` as in TL) for HF inputs."""
-        input_ids, rest = self._split(batch, inputs)
+        input_ids, rest, _ = self._split(batch, inputs)
         return self.bridge(input_ids, return_type=return_type, **rest)
 
     def run_with_hooks(
@@ -333,7 +339,7 @@ class HookedMLLM(torch.nn.Module):
         **inputs: Any,
     ) -> Any:
         """``TransformerBridge.run_with_hooks`` on multimodal inputs."""
-        input_ids, rest = self._split(batch, inputs)
+        input_ids, rest, _ = self._split(batch, inputs)
         return self.bridge.run_with_hooks(
             input_ids,
             fwd_hooks=list(fwd_hooks),
@@ -351,9 +357,36 @@ class HookedMLLM(torch.nn.Module):
         return_type: str | None = "logits",
         **inputs: Any,
     ) -> tuple[Any, ActivationCache]:
-        """``TransformerBridge.run_with_cache`` on multimodal inputs (``names_filter`` as in TL)."""
-        input_ids, rest = self._split(batch, inputs)
-        return self.bridge.run_with_cache(input_ids, names_filter=names_filter, return_type=return_type, **rest)
+        """``TransformerBridge.run_with_cache`` on multimodal inputs (``names_filter`` as in TL).
+        Every cached activation remembers its batch's ModalityMap (``modality_map_of``), so
+        that pairing it with other inputs (``patching.with_inputs``) is checked."""
+        input_ids, rest, mm = self._split(batch, inputs)
+        output, cache = self.bridge.run_with_cache(input_ids, names_filter=names_filter, return_type=return_type, **rest)
+        for activation in cache.cache_dict.values():
+            if id(activation) not in self._cached_maps:
+                weakref.finalize(activation, self._cached_maps.pop, id(activation), None)
+            self._cached_maps[id(activation)] = mm
+        return output, cache
+
+    def modality_map_of(self, activation: torch.Tensor) -> ModalityMap | None:
+        """The ModalityMap of the batch whose ``run_with_cache`` cached ``activation`` (an
+        entry of that cache, as ``cache[name]`` returns it); None for any other tensor."""
+        return self._cached_maps.get(id(activation))
+
+    def check_aligned(self, activation: torch.Tensor, inputs_map: ModalityMap, name: str, shape: tuple[int, ...] | None = None) -> None:
+        """Refuse (``ValueError`` naming what differs) to pair a cached ``activation`` (hook
+        ``name``) with inputs of map ``inputs_map`` unless their batches place media and
+        padding alike (``map_difference``) and, given the inputs' own ``shape`` of that
+        activation, the shapes agree."""
+        cached_map = self.modality_map_of(activation)
+        difference = None if cached_map is None else map_difference(cached_map, inputs_map)
+        if difference is None and shape is not None and tuple(activation.shape) != tuple(shape):
+            difference = f"the cached activation has shape {tuple(activation.shape)} and these inputs' {tuple(shape)}"
+        if difference is not None:
+            raise ValueError(
+                f"the cached {name} does not line up with the inputs it is paired with: {difference}; "
+                "use a cache of a batch with the same prompt layout (media at the same positions, same image sizes)"
+            )
 
     def generate(
         self,
@@ -453,3 +486,33 @@ class HookedMLLM(torch.nn.Module):
     def __repr__(self) -> str:
         return f"HookedMLLM({self.spec.hf_class}, layers={self.cfg.n_layers}, d_model={self.cfg.d_model})"
 
+
+def _describe(mm: ModalityMap, row: int, pos: int) -> str:
+    """What one position is: ``text``, ``padding``, or ``image 0 tile 1 (r2, c3)``."""
+    kind = MODALITIES[int(mm.modality[row, pos])]
+    item = int(mm.image[row, pos])
+    if item < 0:
+        return kind
+    if bool(mm.newline[row, pos]):
+        return f"{kind} {item} newline"
+    return f"{kind} {item} tile {int(mm.tile[row, pos])} (r{int(mm.row[row, pos])}, c{int(mm.col[row, pos])}, feature {int(mm.feature[row, pos])})"
+
+
+def map_difference(first: ModalityMap, second: ModalityMap, names: tuple[str, str] = ("the cache's batch", "these inputs")) -> str | None:
+    """None when two batches have the same shape and place media and padding alike (each
+    media position the same item, tile, cell and feature; text and special tokens may
+    differ), else where they first differ, in words (the batches called ``names``)."""
+    if first.shape != second.shape:
+        return f"{names[0]} is {first.shape} (rows, positions), {names[1]} {second.shape}"
+
+    def placement(mm: ModalityMap) -> torch.Tensor:
+        kind = torch.where(mm.mask("special"), MODALITIES.index("text"), mm.modality.long())
+        return torch.stack([kind, mm.image, mm.tile, mm.row, mm.col, mm.feature, mm.newline.long()])
+
+    differs = (placement(first) != placement(second)).any(0)
+    if differs.any():
+        row, pos = (int(i) for i in torch.nonzero(differs)[0])
+        return f"row {row}, position {pos} is {_describe(first, row, pos)} in {names[0]} but {_describe(second, row, pos)} in {names[1]}"
+    if first.grids != second.grids:
+        return f"the media's patch grids differ: {first.grids} in {names[0]}, {second.grids} in {names[1]}"
+    return None

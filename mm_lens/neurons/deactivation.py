@@ -122,6 +122,19 @@ def _checked_indices(module: str, layers: Any, n_layers: int, width: int) -> lis
     return checked
 
 
+def _checked_region(mask: Tensor, modality_map: ModalityMap | None) -> Bool[Tensor, "batch pos"]:
+    """A boolean ``[batch, pos]`` mask of language-model positions (e.g. ``region_positions(
+    ...).mask``), checked against the batch's map when one is given."""
+    if mask.dtype != torch.bool or mask.ndim != 2:
+        raise ValueError(
+            f"positions as a tensor must be a boolean [batch, pos] mask (e.g. region_positions(...).mask); "
+            f"got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
+    if modality_map is not None and tuple(mask.shape) != tuple(modality_map.shape):
+        raise ValueError(f"the positions mask has shape {tuple(mask.shape)} but the batch is {tuple(modality_map.shape)}")
+    return mask
+
+
 def _position_names(positions: str | Sequence[str]) -> frozenset[str] | None:
     """The chosen position names, or None for every position."""
     names = position_names(positions)
@@ -135,13 +148,19 @@ class _PositionMask:
     Masks are built once per (length, device) and shared by all hooks of a call.
     """
 
-    def __init__(self, modality_map: ModalityMap, names: frozenset[str]):
-        others = tuple(sorted(names - {"last"}))
-        self.prompt = position_mask(modality_map, others) if others else torch.zeros(modality_map.shape, dtype=torch.bool)
-        self.prompt_last = modality_map.last_mask()
-        self.generated = bool(names & {"text", "special_text", "generated"})
-        self.last = "last" in names
+    def __init__(self, prompt: Bool[Tensor, "batch pos"], generated: bool = False, prompt_last: Tensor | None = None):
+        self.prompt = prompt.cpu()
+        self.prompt_last = prompt_last
+        self.generated = generated
+        self.last = prompt_last is not None
         self._cache: dict[tuple[int, torch.device], tuple[Tensor, bool]] = {}
+
+    @classmethod
+    def from_names(cls, modality_map: ModalityMap, names: frozenset[str]) -> _PositionMask:
+        others = tuple(sorted(names - {"last"}))
+        prompt = position_mask(modality_map, others) if others else torch.zeros(modality_map.shape, dtype=torch.bool)
+        generated = bool(names & {"text", "special_text", "generated"})
+        return cls(prompt, generated, modality_map.last_mask() if "last" in names else None)
 
     def __call__(self, act: Tensor) -> tuple[Bool[Tensor, "batch pos"], bool]:
         batch, pos = act.shape[0], act.shape[1]
@@ -159,7 +178,7 @@ class _PositionMask:
     def _build(self, pos: int) -> Tensor:
         batch, prompt_pos = self.prompt.shape
         if pos == prompt_pos:
-            return self.prompt | self.prompt_last if self.last else self.prompt.clone()
+            return self.prompt | self.prompt_last if self.prompt_last is not None else self.prompt.clone()
         n_generated = pos - prompt_pos if pos > prompt_pos else pos
         mask = torch.full((batch, n_generated), self.generated)
         if pos > prompt_pos:
@@ -236,7 +255,7 @@ def deactivation_hooks(
     mode: str = "zero",
     value: float | None = None,
     means: Means | None = None,
-    positions: str | Sequence[str] = "all",
+    positions: str | Sequence[str] | Tensor = "all",
     modality_map: ModalityMap | None = None,
     complementary: bool = False,
     groups: Sequence[str] | None = None,
@@ -248,7 +267,10 @@ def deactivation_hooks(
     ``mode``: ``"zero"``, ``"mean"`` (needs ``means[module]`` of shape ``[layer, neuron]``),
     ``"min"`` (the hooked tensor's minimum) or ``"constant"`` (needs ``value``).
     ``positions``: ``"all"``, a modality name, ``"last"``, or a tuple of them; anything but
-    ``"all"`` needs the batch's ``modality_map`` (a ``MultimodalBatch`` is accepted).
+    ``"all"`` needs the batch's ``modality_map`` (a ``MultimodalBatch`` is accepted). Or a
+    boolean ``[batch, pos]`` mask of language-model positions, e.g. the patches under a
+    region of the picture (``region_positions(model, batch, box).mask``): only the language
+    model's neurons are switched off, there, and never at generated tokens.
     ``complementary``: deactivate every other neuron of the listed modules instead.
     See the module docstring for vision hooks, generation and the minimum.
     """
@@ -266,9 +288,10 @@ def deactivation_hooks(
         raise ValueError(
             "mode='mean' needs means=, {module: tensor [layer, neuron]} of each neuron's mean activation"
         )
-    names = _position_names(positions)
     if hasattr(modality_map, "modality_map"):
         modality_map = modality_map.modality_map  # a MultimodalBatch
+    region = _checked_region(positions, modality_map) if isinstance(positions, Tensor) else None
+    names = None if region is not None else _position_names(positions)
 
     hook_names = model.neuron_hooks
     unknown = [module for module in neurons if module not in hook_names]
@@ -298,7 +321,13 @@ def deactivation_hooks(
             if chosen.numel() == 0:
                 continue
             layer_mask = None
-            if names is not None:
+            if region is not None:
+                if not _is_lm_hook(hook_name):
+                    continue  # a mask of language-model positions says nothing about the encoder's rows
+                if position_mask is None:
+                    position_mask = _PositionMask(region)
+                layer_mask = position_mask
+            elif names is not None:
                 if not _is_lm_hook(hook_name):
                     if not names & set(model.spec.feature_inputs):
                         continue
@@ -309,7 +338,7 @@ def deactivation_hooks(
                             "to know which positions are which; or use positions='all'"
                         )
                     if position_mask is None:
-                        position_mask = _PositionMask(modality_map, names)
+                        position_mask = _PositionMask.from_names(modality_map, names)
                     layer_mask = position_mask
             mean = None if module_means is None else module_means[layer].detach()[chosen]
             hooks.append((hook_name, _make_hook(chosen, mode, value, mean, layer_mask)))
@@ -325,7 +354,7 @@ class Deactivation:
     mode: str = "zero"
     value: float | None = None
     means: Means | None = None
-    positions: str | Sequence[str] = "all"
+    positions: str | Sequence[str] | Tensor = "all"
     complementary: bool = False
     groups: Sequence[str] | None = None
 

@@ -21,6 +21,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+from mm_lens.presentation.attention_view import AttentionView
 from mm_lens.presentation.visualize import CircuitsView, bundle_script
 
 _STYLE = """
@@ -166,15 +167,18 @@ class HTMLReport:
 
     def add_view(self, view: Any) -> HTMLReport:
         """A circuitsvis view: a ``mm_lens.presentation.visualize.CircuitsView`` (the bundle is inlined once
-        per report) or circuitsvis' own ``RenderedHTML`` (its local, inlined source is used)."""
+        per report) or circuitsvis' own ``RenderedHTML`` (its local, inlined source is used); or
+        a multimodal ``mm_lens.presentation.attention_view.AttentionView`` (self-contained)."""
         if isinstance(view, CircuitsView):
             self._needs_circuitsvis = True
             self._parts.append(view.body_html())
+        elif isinstance(view, AttentionView):
+            self._parts.append(view.to_html())
         elif hasattr(view, "local_src"):
             self._parts.append(re.sub(r"^//# sourceMappingURL=.*$", "", view.local_src, flags=re.MULTILINE))
         else:
             raise TypeError(
-                f"add_view takes a CircuitsView (mm_lens.presentation.visualize) or a circuitsvis RenderedHTML, got "
+                f"add_view takes a CircuitsView (mm_lens.presentation.visualize), an AttentionView or a circuitsvis RenderedHTML, got "
                 f"{type(view).__name__}; use add_html for other HTML (it must not load remote scripts)"
             )
         return self

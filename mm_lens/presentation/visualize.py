@@ -9,7 +9,8 @@ inlines circuitsvis' own bundle (``circuitsvis/dist/cdn/iife.js``, which defines
 Nothing is fetched; ``HTMLReport`` includes the bundle once for all its views.
 
 **Patch geometry** (where a view's grid lies on the original picture) comes from the
-architecture: ``mm_lens.model.architectures.geometry``.
+architecture: ``mm_lens.model.architectures.geometry``; ``attribution_heatmaps`` draws a
+direct logit attribution on it, one panel per component.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import torch
 from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
+from transformer_lens import ActivationCache
 
-from mm_lens.base.display import figure_and_axes
+from mm_lens.analysis.direct_attribution import DirectAttribution
+from mm_lens.base.display import figure_and_axes, new_figure
 from mm_lens.base.hooks import block_hook
 from mm_lens.base.modality import ModalityMap
 from mm_lens.model.architectures import geometry
@@ -182,12 +185,14 @@ def attention_view(
     pattern: Float[Tensor, "batch head q k"] | None = None,
 ) -> CircuitsView:
     """Attention patterns of ``layer`` (all heads, or ``heads``) on one batch row, padding
-    removed; image tokens labelled by patch. ``pattern`` skips the forward pass."""
+    removed; image tokens labelled by patch. ``pattern`` skips the forward pass (it must be
+    this batch's: see ``HookedMLLM.check_aligned``)."""
     mm = _modality_map(model, batch)
+    name = block_hook(layer, "pattern")
     if pattern is None:
-        name = block_hook(layer, "pattern")
         _, cache = model.run_with_cache(batch, names_filter=name)
         pattern = cache[name]
+    model.check_aligned(pattern, mm, name, (mm.shape[0], pattern.shape[1], mm.shape[1], mm.shape[1]))
     positions = _kept_positions(batch, mm, row).to(pattern.device)
     heads = list(range(pattern.shape[1])) if heads is None else list(heads)
     attention = pattern[row][heads][:, positions][:, :, positions].float()
@@ -256,7 +261,7 @@ def top_k_view(
     neurons: Sequence[int] | None = None,
     k: int = 10,
     rows: Sequence[int] | None = None,
-    cache: Mapping[str, Tensor] | None = None,
+    cache: ActivationCache | Mapping[str, Tensor] | None = None,
 ) -> CircuitsView:
     """Tables of the top-k and bottom-k tokens of every neuron (channel) of ``hooks``
     (``[batch, pos, neuron]`` activations, one hook per layer), per batch row."""
@@ -267,6 +272,8 @@ def top_k_view(
     if missing:
         raise KeyError(f"no activations for {missing}; pass hook names of [batch, pos, neuron] activations")
     mm = _modality_map(model, batch)
+    for h in hooks:
+        model.check_aligned(cache[h], mm, h, (*mm.shape, cache[h].shape[-1]))
     rows = list(range(mm.shape[0])) if rows is None else list(rows)
     stacked = torch.stack([cache[h].float().cpu() for h in hooks])  # layer batch pos neuron
     if stacked.ndim != 4:
@@ -324,11 +331,13 @@ def patch_heatmap(
     cmap: str = "viridis",
     title: str | None = None,
     colorbar: bool = True,
+    limits: tuple[float, float] | None = None,
 ) -> Any:
     """Draw a per-patch grid over ``image`` (NaN cells transparent); returns the Figure.
 
     ``extent`` = (left, right, bottom, top) in the picture's pixels; by default the grid is
     stretched over the whole picture. Use ``heatmap_for`` to place a model's grid correctly.
+    ``limits``: the colour scale's (low, high), by default the grid's range.
     """
     from matplotlib.patches import Rectangle
 
@@ -338,7 +347,8 @@ def patch_heatmap(
     fig, ax = figure_and_axes(ax, size=(5, 5 * height / max(width, 1) + 0.3))
     ax.imshow(np.asarray(image.convert("RGB")), extent=(0, width, height, 0), interpolation="nearest")
     values = np.ma.masked_invalid(torch.as_tensor(grid).detach().float().cpu().numpy())
-    shown = ax.imshow(values, extent=extent, alpha=alpha, cmap=cmap, interpolation="nearest")
+    low, high = limits if limits is not None else (None, None)
+    shown = ax.imshow(values, extent=extent, alpha=alpha, cmap=cmap, interpolation="nearest", vmin=low, vmax=high)
     left, right, bottom, top = extent
     ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, edgecolor="white", linestyle="--"))
     ax.set_xlim(min(0, left), max(width, right))
@@ -377,3 +387,40 @@ def heatmap_for(
     extent = view_extent(model, image_size, view, padded_square=padded_square)
     kwargs.setdefault("title", f"image {image_index}, view {view}")
     return patch_heatmap(image, grid, extent=extent, **kwargs)
+
+
+def attribution_heatmaps(
+    model: HookedMLLM,
+    batch: Any,
+    attribution: DirectAttribution,
+    image: Image.Image,
+    image_index: int = 0,
+    *,
+    components: Sequence[str] | None = None,
+    k: int = 4,
+    view: int = 0,
+    columns: int = 4,
+) -> Any:
+    """One heatmap over the picture per component of a direct logit attribution: its share
+    of the logit difference at each patch of image ``image_index`` (``components``, or the
+    ``k`` of largest mean |share| over that image), on one colour scale centred on 0."""
+    mm = attribution.modality_map
+    on_image = mm.image == image_index
+    if not on_image.any():
+        raise ValueError(f"image {image_index} is not in the batch ({mm.n_images} media items)")
+    labels = list(components) if components is not None else attribution.top(on_image, k)
+    limit = max(float(attribution[label][on_image].abs().max()) for label in labels) or 1.0
+    rows = -(-len(labels) // columns)
+    width, height = image.size
+    fig = new_figure(4 * min(columns, len(labels)), 4 * rows * height / max(width, 1) + 0.6)
+    axes = fig.subplots(rows, min(columns, len(labels)), squeeze=False).flatten()
+    for n, (ax, label) in enumerate(zip(axes, labels)):
+        heatmap_for(
+            model, batch, attribution[label], image_index, view, image=image, ax=ax, cmap="RdBu",
+            limits=(-limit, limit), title=label, colorbar=n == len(labels) - 1,
+        )
+    for ax in axes[len(labels):]:
+        ax.set_visible(False)
+    row = int(mm.image_row[image_index])
+    fig.suptitle(f"direct logit attribution of {attribution.answer_text[row]!r} - {attribution.wrong_text[row]!r}, image {image_index}")
+    return fig

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from helpers import random_image
 from matplotlib.figure import Figure
 from PIL import Image
 from transformer_lens import patching as tl_patching
 
+from mm_lens import HookedMLLM
 from mm_lens.analysis.patching import PatchingResult, patch_sweep, with_inputs
+from mm_lens.presentation.visualize import attention_view, top_k_view
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +123,54 @@ def test_batches_that_differ_in_text_or_length_are_refused(model, images):
         patch_sweep(model, a, a, hook="embed", progress=False)
     with pytest.raises(ValueError, match="same on the clean and corrupted"):
         patch_sweep(model, a, a, progress=False)
+
+
+def test_pictures_laid_out_differently_are_refused_though_their_token_ids_agree(tiny_folder):
+    model = HookedMLLM.from_pretrained(tiny_folder("qwen2_vl"))
+    wide = model.prepare_inputs(["what is the color"], [random_image(30, 50, 0)])
+    tall = model.prepare_inputs(["what is the color"], [random_image(50, 30, 1)])
+    assert torch.equal(wide["input_ids"], tall["input_ids"])  # 4x6 and 6x4 merged cells: the same tokens
+    with pytest.raises(ValueError, match=r"laid out differently \(row 0, position \d+ is image 0 tile \d+ \(r0, c4"):
+        patch_sweep(model, wide, tall, progress=False)
+
+
+def test_with_inputs_refuses_a_cache_whose_image_sits_elsewhere(model, images):
+    first = model.prepare_inputs(["<image> what is the color"], [images[0]], chat=False)
+    last = model.prepare_inputs(["what is the color <image>"], [images[0]], chat=False)
+    assert first["input_ids"].shape == last["input_ids"].shape
+    _, first_cache = model.run_with_cache(first, names_filter="blocks.0.hook_resid_pre")
+    with pytest.raises(ValueError, match=r"resid_pre does not line up .*row 0, position 1 is image 0 .* in the cache's batch but text in these inputs"):
+        tl_patching.get_act_patch_resid_pre(with_inputs(model, last), last["input_ids"], first_cache, lambda logits: logits.sum())
+    # a cache of the batch itself lines up, and a plain mapping of inputs serves as the batch
+    _, own = model.run_with_cache(last, names_filter="blocks.0.hook_resid_pre")
+    index = pd.DataFrame([(0, 1)], columns=["layer", "pos"])
+    patched = tl_patching.generic_activation_patch(
+        with_inputs(model, dict(last.inputs)), last["input_ids"], own, lambda logits: logits[0, -1, 0],
+        tl_patching.layer_pos_patch_setter, "resid_pre", index_df=index,
+    )
+    torch.testing.assert_close(patched[0], model(last)[0, -1, 0])
+
+
+def test_a_cache_moved_off_the_run_is_still_checked_by_shape(model, images):
+    batch = model.prepare_inputs(["what is the color"], [images[0]])
+    longer = model.prepare_inputs(["what is the color of the shape"], [images[0]])
+    _, cache = model.run_with_cache(longer, names_filter="blocks.0.hook_resid_pre")
+    moved = cache.to("cpu")  # new tensors: their batch is unknown, their shape still tells
+    moved.cache_dict = {name: tensor.clone() for name, tensor in moved.cache_dict.items()}
+    assert model.modality_map_of(moved["blocks.0.hook_resid_pre"]) is None
+    with pytest.raises(ValueError, match=r"the cached activation has shape \(1, \d+, \d+\) and these inputs' \(1, \d+, \d+\)"):
+        tl_patching.get_act_patch_resid_pre(with_inputs(model, batch), batch["input_ids"], moved, lambda logits: logits.sum())
+
+
+def test_views_refuse_a_cache_of_another_batch(model, images):
+    first = model.prepare_inputs(["<image> what is the color"], [images[0]], chat=False)
+    last = model.prepare_inputs(["what is the color <image>"], [images[0]], chat=False)
+    _, cache = model.run_with_cache(first, names_filter=["blocks.0.mlp.hook_act", "blocks.0.attn.hook_pattern"])
+    with pytest.raises(ValueError, match="blocks.0.mlp.hook_act does not line up .*position 1 is image 0"):
+        top_k_view(model, last, "blocks.0.mlp.hook_act", cache=cache)
+    with pytest.raises(ValueError, match="blocks.0.attn.hook_pattern does not line up"):
+        attention_view(model, last, 0, pattern=cache["blocks.0.attn.hook_pattern"])
+    assert top_k_view(model, first, "blocks.0.mlp.hook_act", cache=cache).component == "TopkTokens"
 
 
 def test_result_saves_loads_and_plots(model, pairs, arch, tmp_path):

@@ -97,6 +97,25 @@ def test_positions_restrict_the_change_to_those_positions(model, batch, clean, p
     assert_only_region_set(clean[name], after, [3, 9], where, 0.0)
 
 
+def test_a_region_mask_switches_lm_neurons_off_under_the_region_only(model, batch, clean, images):
+    from mm_lens.model.regions import region_positions
+
+    name = LM_HOOK.format(layer=0)
+    mm = batch.modality_map
+    region = region_positions(model, batch, (0, 0, 20, 15), images=[images[0]])
+    where = region.mask
+    assert where.any() and (where & ~mm.mask("image")).sum() == 0
+    neurons = {**lm_neurons(model, {0: [3, 9]}), "vision_mlp": [torch.tensor([1])] * len(model.neuron_hooks["vision_mlp"])}
+    hooks = deactivation_hooks(model, neurons, positions=where, modality_map=mm)
+    assert {hook for hook, _ in hooks} == {name}  # the mask is of LM positions: the tower stays as it is
+    after = hooked_values(model, batch, hooks, [name])[name]
+    assert_only_region_set(clean[name], after, [3, 9], where, 0.0)
+    with pytest.raises(ValueError, match=r"boolean \[batch, pos\] mask"):
+        deactivation_hooks(model, neurons, positions=where.long())
+    with pytest.raises(ValueError, match="the positions mask has shape"):
+        deactivation_hooks(model, neurons, positions=where[:, 1:], modality_map=mm)
+
+
 def test_complementary_deactivates_every_other_neuron_of_the_listed_layers(model, batch, clean):
     names = [LM_HOOK.format(layer=0), LM_HOOK.format(layer=1)]
     hooks = deactivation_hooks(model, lm_neurons(model, {0: [1, 4]}), complementary=True)

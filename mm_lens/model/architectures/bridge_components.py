@@ -1,4 +1,4 @@
-"""Bridge components that expose the neurons both papers study as TransformerLens hooks.
+"""Bridge components mm_lens adds to TransformerLens' bridges.
 
 TransformerLens' bridge has no hook on ``act_fn(gate_proj(x))`` in a gated MLP (its
 ``mlp.hook_post`` is ``act_fn(gate) * up``) nor on the projector's hidden activation. These
@@ -6,6 +6,9 @@ subclasses wrap the HF activation modules as bridge components, which gives:
 
 - ``blocks.{l}.mlp.hook_act``: ``act_fn(gate_proj(x))``, ``[batch, pos, d_mlp]``;
 - ``vision_projector.hook_hidden``: ``act(linear_1(x))``, ``[images, tokens, d_proj]``.
+
+And ``hook_embed`` holds what the language model receives, media features included
+(``MediaEmbeddingBridge``, installed by ``MediaEmbeddingAdapter``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformer_lens.model_bridge.generalized_components import AttentionBridge, GatedMLPBridge, VisionProjectionBridge
+from torch import Tensor
+from transformer_lens.model_bridge.generalized_components import (
+    AttentionBridge,
+    EmbeddingBridge,
+    GatedMLPBridge,
+    VisionProjectionBridge,
+)
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
 
@@ -46,6 +55,55 @@ class NeuronProjectorBridge(VisionProjectionBridge):
 
     def __init__(self, name: str, activation: str = "act"):
         super().__init__(name, submodules={"act": GeneralizedComponent(name=activation)})
+
+
+class MediaEmbeddingBridge(EmbeddingBridge):
+    """The language model's token embedding, whose ``hook_out`` (TransformerLens'
+    ``hook_embed``) fires on the embeddings the language model receives.
+
+    A multimodal HF model embeds the token ids (media placeholders included), scatters the
+    media features (projector, merger, Q-Former or audio output) over the placeholder rows,
+    and hands the result to its decoder as ``inputs_embeds``. TransformerLens fires
+    ``hook_embed`` on the first step, so at media positions it would hold the placeholder's
+    embedding and TL's residual decompositions would not sum to the residual. Here
+    ``hook_in`` takes the token ids, the embedding runs unhooked, and ``hook_out`` fires once
+    per forward on the decoder's ``inputs_embeds`` (``feed``): what a hook returns there is
+    what the decoder gets.
+    """
+
+    def forward(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
+        """The token embedding of ``input_ids`` ``[batch, pos]`` -> ``[batch, pos, d_model]``."""
+        return self.original_component(self.hook_in(input_ids), **kwargs)
+
+    def feed(self, decoder: torch.nn.Module) -> None:
+        """Route ``decoder``'s ``inputs_embeds`` through ``hook_out``; a decoder called with
+        token ids instead embeds them here first (so the hook fires all the same)."""
+
+        def route(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None:
+                if args:
+                    input_ids, args = args[0], (None, *args[1:])
+                else:
+                    input_ids = kwargs.pop("input_ids")
+                embeds = self(input_ids)
+            kwargs["inputs_embeds"] = self.hook_out(embeds)
+            return args, kwargs
+
+        decoder.register_forward_pre_hook(route, with_kwargs=True)
+
+
+class MediaEmbeddingAdapter:
+    """Adapter mixin (first base, before the TransformerLens adapter): the ``embed``
+    component becomes a ``MediaEmbeddingBridge`` fed by the decoder that runs ``blocks``,
+    so ``hook_embed`` holds the embeddings the language model receives."""
+
+    def prepare_model(self, hf_model: Any) -> None:
+        super().prepare_model(hf_model)  # type: ignore[misc]
+        mapping = self.components  # type: ignore[attr-defined]
+        embed = MediaEmbeddingBridge(name=mapping["embed"].name)
+        mapping["embed"] = embed
+        embed.feed(hf_model.get_submodule(mapping["blocks"].name.rpartition(".")[0]))
 
 
 class _CacheKeywordAttention:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 from transformer_lens.model_bridge.supported_architectures.gemma3_multimodal import Gemma3MultimodalArchitectureAdapter
 
+from mm_lens.model.architectures.bridge_components import MediaEmbeddingAdapter
 from mm_lens.model.architectures.spec import ArchitectureSpec
 from mm_lens.model.architectures.llava import grid_layout, with_neuron_hooks
 from mm_lens.base.modality import ImageLayout
@@ -41,7 +42,7 @@ def _neuron_widths(hf_model: Any) -> dict[str, int]:
     return {"lm_mlp": config.text_config.intermediate_size, "vision_mlp": config.vision_config.intermediate_size}
 
 
-class Gemma3NeuronAdapter(Gemma3MultimodalArchitectureAdapter):
+class Gemma3NeuronAdapter(MediaEmbeddingAdapter, Gemma3MultimodalArchitectureAdapter):
     """TransformerLens' Gemma 3 multimodal adapter plus ``mlp.hook_act``."""
 
     def __init__(self, cfg: Any) -> None:

@@ -171,3 +171,71 @@ def cell_extent(extent: Extent, grid_shape: tuple[int, int], row: int, col: int)
     rows, cols = grid_shape
     dx, dy = (right - left) / cols, (bottom - top) / rows
     return (left + col * dx, left + (col + 1) * dx, top + (row + 1) * dy, top + row * dy)
+
+
+# ---------------------------------------------------------------------------------------
+# Tiles and crops on the original picture (for mm_lens.model.regions)
+# ---------------------------------------------------------------------------------------
+
+
+def anyres_tile_extents(config: Any, image_size: tuple[int, int]) -> list[Extent]:
+    """Where each high-resolution tile of an anyres image (LLaVA-NeXT, LLaVA-OneVision) lies
+    on the original picture of ``image_size`` = (height, width): the tiles row-major, as
+    ``ModalityMap`` numbers them (tile ``k + 1`` is entry ``k``). A tile's part in the padding
+    the processor adds lies past the picture's border."""
+    height, width = image_size
+    grid = anyres_grid(config, image_size)
+    tile_px = config.vision_config.image_size
+    best_h, best_w = grid.tiles_h * tile_px, grid.tiles_w * tile_px
+    new_h, new_w = _patch_output_size(height, width, (best_h, best_w))
+    frame = _Frame(height, width).resize(new_h, new_w).move((best_h - new_h) // 2, (best_w - new_w) // 2, best_h, best_w)
+    return [
+        frame.extent(ty * tile_px, tx * tile_px, (ty + 1) * tile_px, (tx + 1) * tile_px)
+        for ty in range(grid.tiles_h)
+        for tx in range(grid.tiles_w)
+    ]
+
+
+PAN_AND_SCAN_SETTINGS = (
+    "do_pan_and_scan",
+    "pan_and_scan_min_crop_size",
+    "pan_and_scan_max_num_crops",
+    "pan_and_scan_min_ratio_to_activate",
+)
+
+
+def pan_and_scan_extents(image_size: tuple[int, int], settings: Mapping[str, Any]) -> list[Extent]:
+    """The crops Gemma 3's pan-and-scan cuts from a picture of ``image_size`` = (height,
+    width), as its image processor cuts them with ``settings`` (``PAN_AND_SCAN_SETTINGS``):
+    none when it is off or the picture is not elongated enough, else 2 or more crops along
+    the long side, each clipped to the picture (the processor sends the whole picture first,
+    then these crops, each squashed to the tower's size)."""
+    height, width = image_size
+    if not settings.get("do_pan_and_scan"):
+        return []
+    min_crop, max_crops = int(settings["pan_and_scan_min_crop_size"]), int(settings["pan_and_scan_max_num_crops"])
+    ratio = float(settings["pan_and_scan_min_ratio_to_activate"])
+    long, short = max(height, width), min(height, width)
+    if long / short < ratio:
+        return []
+    n = min(max_crops, max(2, min(math.floor(long / min_crop), math.floor(long / short + 0.5))))
+    crops_h, crops_w = (1, n) if width >= height else (n, 1)
+    crop_h, crop_w = math.ceil(height / crops_h), math.ceil(width / crops_w)
+    if min(crop_h, crop_w) < min_crop:
+        return []
+    return [
+        (float(x), float(min(x + crop_w, width)), float(min(y + crop_h, height)), float(y))
+        for y in range(0, crop_h * crops_h, crop_h)
+        for x in range(0, crop_w * crops_w, crop_w)
+    ]
+
+
+def packed_grid(processor: Any, image_size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of patches Qwen2-VL's image processor cuts a picture of ``image_size`` =
+    (height, width) into (its ``smart_resize`` to multiples of ``patch_size * merge_size``)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    patch, merge = int(processor.patch_size), int(processor.merge_size)
+    min_pixels, max_pixels = _size_field(processor.size, "shortest_edge"), _size_field(processor.size, "longest_edge")
+    height, width = smart_resize(*image_size, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+    return height // patch, width // patch

@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge.supported_architectures.idefics3 import Idefics3ArchitectureAdapter
 
+from mm_lens.model.architectures.bridge_components import MediaEmbeddingAdapter
 from mm_lens.model.architectures.spec import ArchitectureSpec
 from mm_lens.model.architectures.gemma3 import GEMMA3
 from mm_lens.model.architectures.llava import with_neuron_hooks
@@ -33,7 +34,7 @@ INERT_HOOKS = (*GEMMA3.inert_hooks, "vision_encoder.embeddings.hook_in")
 _TAG_AND_FAKE = 2  # tokens between two crops of one row: <fake_token_around_image> and <row_i_col_j>
 
 
-class Idefics3NeuronAdapter(Idefics3ArchitectureAdapter):
+class Idefics3NeuronAdapter(MediaEmbeddingAdapter, Idefics3ArchitectureAdapter):
     """TransformerLens' Idefics3 adapter plus ``mlp.hook_act``."""
 
     def __init__(self, cfg: Any) -> None:

@@ -60,7 +60,7 @@ from transformer_lens.model_bridge.generalized_components.position_embeddings_at
 )
 
 from mm_lens.model.architectures.spec import ArchitectureSpec
-from mm_lens.model.architectures.bridge_components import NeuronGatedMLPBridge
+from mm_lens.model.architectures.bridge_components import MediaEmbeddingAdapter, NeuronGatedMLPBridge
 from mm_lens.base.modality import ImageLayout
 
 NEURON_HOOKS = {
@@ -142,7 +142,7 @@ def _qformer_output(name: str, config: Any) -> GeneralizedComponent:
     return GeneralizedComponent(name=name, submodules={"dense": LinearBridge(name="dense"), "ln": _layer_norm("LayerNorm", config)})
 
 
-class InstructBlipNeuronAdapter(ArchitectureAdapter):
+class InstructBlipNeuronAdapter(MediaEmbeddingAdapter, ArchitectureAdapter):
     """TransformerLens adapter for ``InstructBlipForConditionalGeneration`` with a Llama
     language model, with mm_lens' neuron hooks (see the module docstring for the names)."""
 

@@ -13,7 +13,7 @@ from transformer_lens.model_bridge.supported_architectures.llava_next import Lla
 from transformers.image_processing_utils import select_best_resolution
 
 from mm_lens.model.architectures.spec import ArchitectureSpec
-from mm_lens.model.architectures.bridge_components import NeuronGatedMLPBridge, NeuronProjectorBridge
+from mm_lens.model.architectures.bridge_components import MediaEmbeddingAdapter, NeuronGatedMLPBridge, NeuronProjectorBridge
 from mm_lens.base.modality import ImageLayout
 
 NEURON_HOOKS = {
@@ -57,15 +57,16 @@ def with_neuron_hooks(adapter: ArchitectureAdapter, projector: bool = True) -> N
         mapping["vision_projector"] = NeuronProjectorBridge(name="model.multi_modal_projector")
 
 
-class LlavaNeuronAdapter(LlavaArchitectureAdapter):
-    """TransformerLens' LLaVA adapter plus ``mlp.hook_act`` and ``vision_projector.hook_hidden``."""
+class LlavaNeuronAdapter(MediaEmbeddingAdapter, LlavaArchitectureAdapter):
+    """TransformerLens' LLaVA adapter plus ``mlp.hook_act``, ``vision_projector.hook_hidden``
+    and ``hook_embed`` on the merged embeddings."""
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         with_neuron_hooks(self)
 
 
-class LlavaNextNeuronAdapter(LlavaNextArchitectureAdapter):
+class LlavaNextNeuronAdapter(MediaEmbeddingAdapter, LlavaNextArchitectureAdapter):
     """TransformerLens' LLaVA-NeXT adapter plus the same neuron hooks."""
 
     def __init__(self, cfg: Any) -> None:

@@ -19,6 +19,7 @@ import torch
 from transformer_lens.model_bridge.supported_architectures.llava_onevision import LlavaOnevisionArchitectureAdapter
 from transformers import AutoProcessor, LlavaOnevisionConfig, LlavaOnevisionProcessor
 
+from mm_lens.model.architectures.bridge_components import MediaEmbeddingAdapter
 from mm_lens.model.architectures.image_text_processor import ImageTextProcessor
 from mm_lens.model.architectures.llava import (
     LLAVA,
@@ -62,7 +63,7 @@ class ImageOnlyLlavaOnevisionProcessor(ImageTextProcessor, LlavaOnevisionProcess
 AutoProcessor.register(LlavaOnevisionConfig, ImageOnlyLlavaOnevisionProcessor, exist_ok=True)
 
 
-class LlavaOnevisionNeuronAdapter(LlavaOnevisionArchitectureAdapter):
+class LlavaOnevisionNeuronAdapter(MediaEmbeddingAdapter, LlavaOnevisionArchitectureAdapter):
     """TransformerLens' LLaVA-OneVision adapter plus ``mlp.hook_act`` and ``vision_projector.hook_hidden``."""
 
     def __init__(self, cfg: Any) -> None:

@@ -25,7 +25,7 @@ from transformer_lens.model_bridge.generalized_components.opaque_block import Op
 from transformer_lens.model_bridge.supported_architectures.qwen2_audio import Qwen2AudioArchitectureAdapter
 
 from mm_lens.model.architectures.spec import ArchitectureSpec
-from mm_lens.model.architectures.bridge_components import NeuronGatedMLPBridge
+from mm_lens.model.architectures.bridge_components import MediaEmbeddingAdapter, NeuronGatedMLPBridge
 from mm_lens.base.modality import ImageLayout
 
 NEURON_HOOKS = {
@@ -65,7 +65,7 @@ def _audio_encoder(audio: Any, cfg: Any) -> GeneralizedComponent:
     return GeneralizedComponent(name="model.audio_tower", submodules={"encoder_layers": layer})
 
 
-class Qwen2AudioNeuronAdapter(Qwen2AudioArchitectureAdapter):
+class Qwen2AudioNeuronAdapter(MediaEmbeddingAdapter, Qwen2AudioArchitectureAdapter):
     """TransformerLens' Qwen2-Audio adapter plus ``mlp.hook_act`` and per-layer hooks in
     the audio encoder (``audio_encoder.encoder_layers.{l}``)."""
 

@@ -18,7 +18,7 @@ from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Q
 
 from mm_lens.model.architectures.spec import ArchitectureSpec
 from mm_lens.model.architectures.image_text_processor import ImageTextProcessor
-from mm_lens.model.architectures.bridge_components import NeuronGatedMLPBridge, NeuronProjectorBridge
+from mm_lens.model.architectures.bridge_components import MediaEmbeddingAdapter, NeuronGatedMLPBridge, NeuronProjectorBridge
 from mm_lens.base.modality import ImageLayout
 
 # Declared by TransformerLens' bridges but never called by HF's forward here.
@@ -63,7 +63,7 @@ def _with_neuron_hooks(adapter: Qwen2_5_VLArchitectureAdapter, vision_mlp: Any) 
     mapping["vision_projector"] = NeuronProjectorBridge(name="model.visual.merger", activation="mlp.1")
 
 
-class Qwen2VLNeuronAdapter(Qwen2_5_VLArchitectureAdapter):
+class Qwen2VLNeuronAdapter(MediaEmbeddingAdapter, Qwen2_5_VLArchitectureAdapter):
     """TransformerLens' Qwen2.5-VL adapter with Qwen2-VL's vision MLP (``fc1``, ``act``,
     ``fc2``; ``mlp.hook_post`` = ``act(fc1(x))``), plus ``mlp.hook_act`` in the language
     model and ``vision_projector.hook_hidden`` (the merger's GELU output)."""
@@ -79,7 +79,7 @@ class Qwen2VLNeuronAdapter(Qwen2_5_VLArchitectureAdapter):
             self.cfg.vision_hidden_size = vision_config.embed_dim
 
 
-class Qwen2_5_VLNeuronAdapter(Qwen2_5_VLArchitectureAdapter):
+class Qwen2_5_VLNeuronAdapter(MediaEmbeddingAdapter, Qwen2_5_VLArchitectureAdapter):
     """TransformerLens' Qwen2.5-VL adapter plus ``mlp.hook_act`` in the language model and
     the vision blocks (``act_fn(gate_proj(x))``) and ``vision_projector.hook_hidden``."""
 
