@@ -16,7 +16,7 @@ from mm_lens.analysis.answers import score_answers  # noqa: E402
 from mm_lens.analysis.dose_response import DoseResponse, dose_response  # noqa: E402
 from mm_lens.analysis.evaluation import evaluate_cross_domain  # noqa: E402
 from mm_lens.analysis.lens import logit_lens, logit_lens_summary  # noqa: E402
-from mm_lens.analysis.patching import patch_sweep, with_inputs  # noqa: E402
+from mm_lens.analysis.patching import attribution_patch, layer_agreement, patch_sweep, with_inputs  # noqa: E402
 from mm_lens.base.data import check_samples, load_default_samples, load_samples  # noqa: E402
 from mm_lens.base.hooks import block_hook, encoder_filter, language_model_filter  # noqa: E402
 from mm_lens.base.modality import MODALITIES, POSITIONS, ImageLayout, ModalityMap, position_mask  # noqa: E402
@@ -52,6 +52,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "analyze_convergence",
     "attention_to_modalities",
+    "attribution_patch",
     "attention_view",
     "block_hook",
     "check_samples",
@@ -69,6 +70,7 @@ __all__ = [
     "knockout_effect",
     "knockout_hooks",
     "language_model_filter",
+    "layer_agreement",
     "load_default_samples",
     "load_samples",
     "logit_lens",
