@@ -83,14 +83,23 @@ class GroupEffect:
 
     @property
     def beyond_random(self) -> bool:
-        """The own-domain drop exceeds random's by more than two random standard deviations."""
+        """The own-domain drop exceeds random's by more than two random standard deviations
+        and is measurable (more than ``NOISE``)."""
         if self.own is None or self.own_random is None:
             return False
-        return self.own < self.own_random - 2 * (self.own_random_sd or 0.0)
+        return self.own < min(self.own_random - 2 * (self.own_random_sd or 0.0), -NOISE)
 
 
-def _times(ratio: float) -> str:
-    return "n/a" if math.isnan(ratio) else ("∞" if math.isinf(ratio) else f"{ratio:.1f}×")
+NOISE = 1e-3  # changes smaller than this (nats, or accuracy) are reported as no measurable change
+
+
+def _versus(change: float | None, random: float | None, name: str = "random") -> str:
+    """``change`` as a multiple of ``random``, or why no multiple is meaningful."""
+    if change is None or random is None or math.isnan(change) or math.isnan(random):
+        return f"{name} n/a"
+    if abs(random) < NOISE:
+        return f"{name}: no measurable change"
+    return f"{change / random:.1f}× {name}"
 
 
 @dataclass
@@ -149,19 +158,20 @@ class CrossDomainResult:
         effects = [e for e in self.effects(metric) if e.group != UNION]
         owned = [e for e in effects if e.own is not None]
         if not owned:  # groups are not domains (MINER): say what each does on average
-            parts = [f"{e.group} neurons off change {name} by {e.others:+.3f} {unit} on average ({_times(e.others_ratio)} random)"
-                     for e in effects]
+            parts = [f"{e.group} neurons off change {name} by {e.others:+.3f} {unit} on average "
+                     f"({_versus(e.others, e.others_random)}, {e.others_random:+.3f})" for e in effects]
             return "; ".join(parts) + "." if parts else ""
         strongest = sorted(owned, key=lambda e: e.own)[:2]
         sentences = [
-            f"{e.group} neurons off change {e.group} answers' {name} by {e.own:+.3f} {unit}, {_times(e.own_ratio)} the matched "
-            f"random neurons ({e.own_random:+.3f} ± {e.own_random_sd:.3f}); other domains {e.others:+.3f} ({_times(e.others_ratio)} random)."
-            for e in strongest
-        ]
+            f"{e.group} neurons off change {e.group} answers' {name} by {e.own:+.3f} {unit} "
+            f"({_versus(e.own, e.own_random, 'the matched random neurons')}, {e.own_random:+.3f} ± {e.own_random_sd:.3f}); "
+            f"other domains {e.others:+.3f} ({_versus(e.others, e.others_random)})."
+            for e in strongest if abs(e.own) >= NOISE
+        ] or [f"No group's neurons change its own domain's {name} by {NOISE} {unit} or more."]
         beyond = [e.group for e in owned if e.beyond_random]
         sentences.append(
-            f"{len(beyond)} of {len(owned)} domains' own {name} drops by more than random's mean - 2 sd"
-            + (f" ({', '.join(beyond)})." if beyond else ".")
+            f"{len(beyond)} of {len(owned)} domains' own {name} drops by more than random's mean - 2 sd (and more than {NOISE})"
+            + (f": {', '.join(beyond)}." if beyond else ".")
         )
         return " ".join(sentences)
 

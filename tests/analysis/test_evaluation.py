@@ -89,9 +89,14 @@ def test_effects_put_own_and_other_domains_next_to_random():
 
 def test_summary_is_written_from_the_numbers():
     text = _constructed().summary("answer_logprob")
-    assert text.startswith("a neurons off change a answers' answer logprob by -0.900 nats, 4.5× the matched random neurons (-0.200 ± 0.082)")
+    assert text.startswith("a neurons off change a answers' answer logprob by -0.900 nats (4.5× the matched random neurons, -0.200 ± 0.082)")
     assert "other domains -0.100 (0.5× random)" in text
-    assert text.endswith("1 of 2 domains' own answer logprob drops by more than random's mean - 2 sd (a).")
+    assert text.endswith("1 of 2 domains' own answer logprob drops by more than random's mean - 2 sd (and more than 0.001): a.")
+    flat = _constructed()
+    flat.chosen = {m: v * 0 + flat.baseline[m] for m, v in flat.chosen.items()}
+    flat.random = {m: v * 0 + flat.baseline[m] for m, v in flat.random.items()}
+    assert flat.summary("answer_logprob") == ("No group's neurons change its own domain's answer logprob by 0.001 nats or more. "
+                                              "0 of 2 domains' own answer logprob drops by more than random's mean - 2 sd (and more than 0.001).")
     with pytest.raises(ValueError, match="unknown metric 'loss'"):
         _constructed().summary("loss")
 
