@@ -33,7 +33,7 @@ from mm_lens.neurons.modality_neurons import collect_miner_scores, select_modali
 from mm_lens.neurons.neuron_set import NeuronSet  # noqa: E402
 from mm_lens.pipelines import counterfactual_pair  # noqa: E402
 from mm_lens.presentation.attention_view import attention_view  # noqa: E402
-from mm_lens.presentation.visualize import heatmap_for  # noqa: E402
+from mm_lens.presentation.visualize import attribution_heatmaps, heatmap_for  # noqa: E402
 
 __all__ = [
     "ARCHITECTURES",
@@ -52,6 +52,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "analyze_convergence",
     "attention_to_modalities",
+    "attribution_heatmaps",
     "attribution_patch",
     "attention_view",
     "block_hook",
