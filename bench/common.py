@@ -18,7 +18,7 @@ import transformers
 from PIL import Image
 
 from mm_lens import HookedMLLM
-from mm_lens.model.tiny.llava import build_tiny_llava
+from mm_lens.model.tiny.llava import build_tiny_llava, build_tiny_llava_next
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -30,22 +30,32 @@ FULL = dict(image_size=224, patch_size=14, width=512, vision_layers=6, text_laye
 QUICK = dict(image_size=112, patch_size=14, width=256, vision_layers=3, text_layers=4,
              vision_overrides={"hidden_size": 192, "intermediate_size": 768, "num_attention_heads": 6},
              text_overrides={"intermediate_size": 704, "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 32000})
+# Real image lengths, the same LM and tower: LLaVA-1.5 (336 px, patch 14: 576 image tokens)
+# and LLaVA-NeXT anyres (336 px tiles; a 64x96 picture takes the 1x2 grid: base view +
+# 2 tiles, unpadded, plus one newline per row: ~1,200 tokens; a 672 px square one the 2x2 grid:
+# 576 + 48 x 48 + 48 newlines = 2,928 image tokens).
+LLAVA15 = {**FULL, "image_size": 336}
+NEXT = {**FULL, "image_size": 336, "anyres": True}
+SHAPES = {"quick": QUICK, "full": FULL, "llava15": LLAVA15, "next": NEXT}
 QUESTION = ("describe the picture what is the color of the shape in this image how many are there "
             "left right top bottom which domain is this picture a road a field a page or a scan")
 
 
-def build_model(quick: bool, attention: str = "eager") -> tuple[HookedMLLM, torch.nn.Module]:
+def build_model(quick: bool, attention: str = "eager", shape: str | None = None, also: tuple[str, ...] = ()):
     """The bridged model and a separate bare HF copy of the same weights (``attention``:
-    the bare copy's attention implementation, ``eager`` or ``sdpa``)."""
-    folder = build_tiny_llava(Path(tempfile.mkdtemp(prefix="mm_lens_bench_")), **(QUICK if quick else FULL))
-    bare = transformers.AutoModelForImageTextToText.from_pretrained(folder, attn_implementation=attention).eval()
-    return HookedMLLM.from_pretrained(folder), bare
+    the bare copy's attention implementation, ``eager`` or ``sdpa``); ``shape`` one of
+    ``SHAPES`` (default: ``quick`` or ``full``); ``also``: more bare copies, returned after."""
+    settings = dict(SHAPES[shape or ("quick" if quick else "full")])
+    builder = build_tiny_llava_next if settings.pop("anyres", False) else build_tiny_llava
+    folder = builder(Path(tempfile.mkdtemp(prefix="mm_lens_bench_")), **settings)
+    bares = [transformers.AutoModelForImageTextToText.from_pretrained(folder, attn_implementation=a).eval() for a in (attention, *also)]
+    return (HookedMLLM.from_pretrained(folder), *bares)
 
 
-def samples(n: int, seed: int = 0, domains: int = 5) -> list[dict]:
+def samples(n: int, seed: int = 0, domains: int = 5, size: tuple[int, int] = (64, 96)) -> list[dict]:
     rng = np.random.RandomState(seed)
     return [
-        {"question": QUESTION, "image": Image.fromarray(rng.randint(0, 256, (64, 96, 3), dtype=np.uint8)),
+        {"question": QUESTION, "image": Image.fromarray(rng.randint(0, 256, (*size, 3), dtype=np.uint8)),
          "domain": f"domain{i % domains}"}
         for i in range(n)
     ]
@@ -58,16 +68,18 @@ def batches(model: HookedMLLM, items: list[dict], batch_size: int):
     ]
 
 
-def time_rivals(rivals: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each rival, interleaved so drift hits all alike."""
+def time_rivals(rivals: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each rival, interleaved so drift hits all alike
+    (``clock=time.process_time`` with one torch thread: CPU seconds, which other processes
+    on a shared machine inflate far less than wall time)."""
     for run in rivals.values():
         run()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in rivals}
     for _ in range(repeats):
         for name, run in rivals.items():
-            start = time.perf_counter()
+            start = clock()
             run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -76,5 +88,34 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_line(name: str, ratio: float, op: str, target: float) -> str:
-    return f"BENCH {name} ratio={ratio:.2f} target={op}{target:.2f}"
+def bench_line(name: str, ratio: float, op: str, target: float, vs: str | None = None, **tags: object) -> str:
+    """``BENCH <name> [vs=<rival>] [tag=value ...] ratio=<x> target=<op><y>``."""
+    fields = ({"vs": vs} if vs else {}) | tags
+    extra = "".join(f" {k}={v}" for k, v in fields.items())
+    return f"BENCH {name}{extra} ratio={ratio:.2f} target={op}{target:.2f}"
+
+
+def status_mb(field: str) -> float:
+    """A ``/proc/self/status`` figure (``VmRSS``, ``VmHWM``) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def peak_extra_mb(run: Callable[[], object]) -> float:
+    """Peak resident memory of one call of ``run`` above the memory held before it (MB):
+    the kernel's peak mark is reset first (``/proc/self/clear_refs``). Meaningful with
+    ``MALLOC_MMAP_THRESHOLD_`` low enough that freed tensors leave the process."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status_mb("VmRSS")
+    run()
+    return status_mb("VmHWM") - before
+
+
+def low_mmap_threshold() -> None:
+    """Re-run this script with ``MALLOC_MMAP_THRESHOLD_`` = 1 MiB (glibc reads it at start)."""
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        import sys
+
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})

@@ -103,9 +103,9 @@ def main() -> None:
             print(f"{n_pos:>9} {vocab:>7} {n_pos * vocab * 4 / 2**20:>14.0f} {chunked['extra_mb']:>10.0f} {naive['extra_mb']:>9.0f}"
                   f" {chunked['seconds']:>9.2f} {naive['seconds']:>8.2f}")
     small, large = results[positions[0], vocabs[0]], results[positions[-1], vocabs[-1]]
-    print(f"BENCH logit_lens_memory ratio={large[0]['extra_mb'] / small[0]['extra_mb']:.2f} target=<=1.10")
-    print(f"BENCH logit_lens_memory_vs_naive ratio={large[0]['extra_mb'] / large[1]['extra_mb']:.2f} target=<=0.10")
-    print(f"BENCH logit_lens_time ratio={large[0]['seconds'] / large[1]['seconds']:.2f} target=<=1.25")
+    print(f"BENCH logit_lens_memory vs=1k_x_32k ratio={large[0]['extra_mb'] / small[0]['extra_mb']:.2f} target=<=1.10")
+    print(f"BENCH logit_lens_memory_vs_naive vs=naive_lens ratio={large[0]['extra_mb'] / large[1]['extra_mb']:.2f} target=<=0.10")
+    print(f"BENCH logit_lens_time vs=naive_lens ratio={large[0]['seconds'] / large[1]['seconds']:.2f} target=<=1.25")
 
 
 if __name__ == "__main__":

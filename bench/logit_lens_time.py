@@ -32,4 +32,4 @@ n_image = int(batch.modality_map.mask("image").sum())
 print(f"{model.cfg.n_layers} layers x {n_image} image tokens, vocabulary {model.cfg.d_vocab}")
 for name, seconds in times.items():
     print(f"  {name:<40} {seconds * 1000:8.1f} ms   {seconds / base:5.2f}x bare")
-print(bench_line("logit_lens", times["logit lens, all layers x image tokens"] / base, "<=", 1.5))
+print(bench_line("logit_lens", times["logit lens, all layers x image tokens"] / base, "<=", 1.5, vs="hf_eager"))

@@ -1,9 +1,14 @@
-"""Cost of streaming neuron statistics on all neuron modules vs the bare HF forward.
+"""Cost of streaming neuron statistics on all neuron modules vs what a user would run
+instead: the bare HF forward with SDPA attention (HF's default), at real image lengths.
 
-Rivals on the same batches, in one process: bare HF forward (eager attention), the
-bridge's forward, mm_lens statistics (LM MLP, vision MLP, projector; 5 domains x 4 position
-classes), and TransformerLens ``run_with_cache`` followed by the same reduction. Then peak
-memory of a statistics run over 1x and 10x the samples.
+Per shape (``--quick``: the small model; else LLaVA-1.5, 336 px = 576 image tokens, batch 2,
+and LLaVA-NeXT anyres, a square picture on the 2x2 grid = 2,928 image tokens, batch 1), rivals
+on the same batch, interleaved in one process: bare HF forward (SDPA), bare HF forward
+(eager), the bridge's forward, mm_lens statistics (LM MLP, vision MLP, projector; 5 domains x
+4 position classes; attention through SDPA, no hook needs the pattern) and the same
+statistics on TransformerLens' eager attention; CPU seconds on one thread (``--wall``: wall
+time on all threads). Then the peak memory of one statistics run
+above the bare SDPA forward's, and (first shape) the peak memory over 1x and 10x the samples.
 
     python bench/stats_overhead.py [--quick]
 """
@@ -11,53 +16,86 @@ memory of a statistics run over 1x and 10x the samples.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
-from common import batches, bench_line, build_model, peak_rss_mb, samples, time_rivals
+from common import batches, bench_line, build_model, low_mmap_threshold, peak_extra_mb, peak_rss_mb, samples, time_rivals
+from mm_lens.model.architectures.bridge_components import attend_through_sdpa
 from mm_lens.neurons.collection import collect_neuron_stats
 from mm_lens.neurons.statistics import NeuronStatsCollector
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="smaller model and fewer repeats (< 1 minute)")
+parser.add_argument("--wall", action="store_true", help="wall-clock time on all threads (default: CPU time, one thread)")
+parser.add_argument("--shapes", nargs="*", default=None, help="shapes of common.SHAPES (default: llava15 next; quick: quick)")
 args = parser.parse_args()
+low_mmap_threshold()
 torch.manual_seed(0)
-
-model, bare = build_model(args.quick)
+if not args.wall:  # CPU seconds on one thread: robust to the other jobs of a shared machine
+    torch.set_num_threads(1)
+clock = time.perf_counter if args.wall else time.process_time
 domains = [f"domain{i}" for i in range(5)]
-items = samples(4)
-(batch,) = batches(model, items, batch_size=4)
-labels = [s["domain"] for s in items]
-hook_names = [n for hooks in model.neuron_hooks.values() for n in hooks]
-collector = NeuronStatsCollector(model, domains)
+# shape -> (batch size, picture size)
+SETUPS = {"quick": (4, (64, 96)), "full": (4, (64, 96)), "llava15": (2, (64, 96)), "next": (1, (672, 672))}
+lines = []
 
 
-def cache_then_reduce():
-    _, cache = model.run_with_cache(batch, names_filter=hook_names)
-    NeuronStatsCollector(model, domains).add_cache(cache, batch, labels)
+def eager_stats(model, collector, batch, labels):
+    attend_through_sdpa(model.bridge, False)
+    try:
+        collector.update(batch, labels)
+    finally:
+        attend_through_sdpa(model.bridge, True)
 
 
-with torch.no_grad():
-    times = time_rivals(
-        {
-            "bare HF forward": lambda: bare(**batch.inputs),
-            "bridge forward": lambda: model(batch),
-            "mm_lens statistics": lambda: collector.update(batch, labels),
-            "TL run_with_cache + reduce": cache_then_reduce,
-        },
-        repeats=3 if args.quick else 7,
-    )
-base = times["bare HF forward"]
-print(f"batch {tuple(batch['input_ids'].shape)}, {len(hook_names)} neuron hooks, 5 domains x 4 classes")
-for name, seconds in times.items():
-    print(f"  {name:<28} {seconds * 1000:8.1f} ms   {seconds / base:5.2f}x bare")
-
-n = 8 if args.quick else 16
-collect_neuron_stats(model, samples(n, seed=1), domains=domains, batch_size=4, progress=False)
-rss_1x = peak_rss_mb()
-collect_neuron_stats(model, samples(10 * n, seed=2), domains=domains, batch_size=4, progress=False)
-rss_10x = peak_rss_mb()
-state_mb = sum(t.numel() * t.element_size() for m in collector.stats.modules.values() for t in m.tensors().values()) / 2**20
-print(f"peak RSS after {n} samples: {rss_1x:.0f} MB; after {10 * n} more: {rss_10x:.0f} MB; statistics state {state_mb:.1f} MB")
-print(bench_line("stats_memory", rss_10x / rss_1x, "<=", 1.05))
-print(bench_line("stats", times["mm_lens statistics"] / base, "<=", 1.05))
+for index, shape in enumerate(args.shapes or (["quick"] if args.quick else ["llava15", "next"])):
+    model, bare_sdpa, bare_eager = build_model(args.quick, "sdpa", shape=shape, also=("eager",))
+    batch_size, size = SETUPS[shape]
+    items = samples(batch_size, size=size)
+    (batch,) = batches(model, items, batch_size=batch_size)
+    labels = [s["domain"] for s in items]
+    hook_names = [n for hooks in model.neuron_hooks.values() for n in hooks]
+    collector = NeuronStatsCollector(model, domains)
+    with torch.no_grad():
+        times = time_rivals(
+            {
+                "bare HF forward (SDPA)": lambda: bare_sdpa(**batch.inputs),
+                "bare HF forward (eager)": lambda: bare_eager(**batch.inputs),
+                "bridge forward": lambda: model(batch),
+                "mm_lens statistics": lambda: collector.update(batch, labels),
+                "statistics, eager attention": lambda: eager_stats(model, collector, batch, labels),
+            },
+            repeats=3,
+            clock=clock,
+        )
+        memory = {
+            "bare HF forward (SDPA)": peak_extra_mb(lambda: bare_sdpa(**batch.inputs)),
+            "mm_lens statistics": peak_extra_mb(lambda: collector.update(batch, labels)),
+            "statistics, eager attention": peak_extra_mb(lambda: eager_stats(model, collector, batch, labels)),
+        }
+    n_image = int((batch["input_ids"] == model.hf_model.config.image_token_id).sum())
+    print(f"[{shape}] batch {tuple(batch['input_ids'].shape)}, {n_image // batch_size} image tokens per row, "
+          f"{len(hook_names)} neuron hooks, 5 domains x 4 classes")
+    sdpa, eager = times["bare HF forward (SDPA)"], times["bare HF forward (eager)"]
+    for name, seconds in times.items():
+        print(f"  {name:<30} {seconds * 1000:8.1f} ms   {seconds / sdpa:5.2f}x SDPA   {seconds / eager:5.2f}x eager")
+    for name, mb in memory.items():
+        print(f"  peak memory above the weights, {name:<30} {mb:8.0f} MB")
+    lines += [
+        bench_line("stats", times["mm_lens statistics"] / sdpa, "<=", 1.05, vs="hf_sdpa", shape=shape),
+        bench_line("stats", times["mm_lens statistics"] / eager, "<=", 1.05, vs="hf_eager", shape=shape),
+        bench_line("stats_eager_attention", times["statistics, eager attention"] / sdpa, "<=", 1.05, vs="hf_sdpa", shape=shape),
+        bench_line("bridge_forward", times["bridge forward"] / sdpa, "<=", 1.05, vs="hf_sdpa", shape=shape),
+        bench_line("stats_peak_memory", memory["mm_lens statistics"] / memory["bare HF forward (SDPA)"], "<=", 1.10, vs="hf_sdpa", shape=shape),
+    ]
+    if index == 0:
+        n = 4
+        collect_neuron_stats(model, samples(n, seed=1, size=size), domains=domains, batch_size=batch_size, progress=False)
+        rss_1x = peak_rss_mb()
+        collect_neuron_stats(model, samples(10 * n, seed=2, size=size), domains=domains, batch_size=batch_size, progress=False)
+        rss_10x = peak_rss_mb()
+        print(f"  peak RSS after {n} samples: {rss_1x:.0f} MB; after {10 * n} more: {rss_10x:.0f} MB")
+        lines.append(bench_line("stats_memory", rss_10x / rss_1x, "<=", 1.05, vs="1x_samples", shape=shape))
+    del model, bare_sdpa, bare_eager, collector
+print("\n".join(lines))

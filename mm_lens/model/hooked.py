@@ -28,7 +28,7 @@ from transformer_lens.model_bridge.sources.transformers import helpers as tl_loa
 from transformers import AutoConfig, AutoProcessor, Cache
 
 from mm_lens.model.architectures import ArchitectureSpec, spec_for
-from mm_lens.model.architectures.bridge_components import read_cache_keyword
+from mm_lens.model.architectures.bridge_components import attend_through_sdpa, read_cache_keyword
 from mm_lens.model.generation import Generation, StepRecorder, ended_rows, sequence_batch
 from mm_lens.model.inputs import ImagesPerPrompt, MediaPerPrompt, MultimodalBatch, encode
 from mm_lens.base.modality import MODALITIES, ModalityMap, build_modality_map
@@ -156,6 +156,7 @@ class HookedMLLM(torch.nn.Module):
             )
         bridge.processor = processor
         read_cache_keyword(bridge)
+        attend_through_sdpa(bridge)
         if compatibility_mode:
             bridge.enable_compatibility_mode(disable_warnings=True)
         return cls(bridge, processor, spec)
@@ -361,6 +362,9 @@ class HookedMLLM(torch.nn.Module):
         Every cached activation remembers its batch's ModalityMap (``modality_map_of``), so
         that pairing it with other inputs (``patching.with_inputs``) is checked."""
         input_ids, rest, mm = self._split(batch, inputs)
+        # TL asks HF for its attention weights, unused here (``hook_pattern`` fires inside
+        # the bridge), which would keep every attention off the SDPA path
+        rest.setdefault("output_attentions", False)
         output, cache = self.bridge.run_with_cache(input_ids, names_filter=names_filter, return_type=return_type, **rest)
         for activation in cache.cache_dict.values():
             if id(activation) not in self._cached_maps:

@@ -13,6 +13,7 @@ And ``hook_embed`` holds what the language model receives, media features includ
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -23,7 +24,10 @@ from transformer_lens.model_bridge.generalized_components import (
     GatedMLPBridge,
     VisionProjectionBridge,
 )
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+from mm_lens.base.fast_path import agreeing
 
 
 class NeuronGatedMLPBridge(GatedMLPBridge):
@@ -135,3 +139,143 @@ def read_cache_keyword(bridge: torch.nn.Module) -> int:
         module.__class__ = _CACHE_KEYWORD_CLASSES[cls]
         changed += 1
     return changed
+
+
+# --- attention through SDPA when no hook needs the pattern -------------------------------
+
+_CACHE_KEYWORDS = ("past_key_values", "past_key_value", "cache", "layer_past")
+_QKV_FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result", "gated_q_proj")
+SDPA_CHECKED: dict[type, bool] = {}  # the self-check's verdict per attention class; clear it to check again
+
+
+class _SdpaAttention:
+    """Mixin: attention through ``torch.nn.functional.scaled_dot_product_attention`` when
+    nothing needs the ``[batch, head, query, key]`` pattern.
+
+    TransformerLens rebuilds attention eagerly so that ``hook_attn_scores`` and
+    ``hook_pattern`` fire: O(T^2) memory per head and layer. A run that hooks neither (nor
+    ``hook_rot_q/k``, ``hook_q/k_normed``, ``hook_cos/sin``: every hook point of the bridge
+    itself but ``hook_in``/``hook_out``) gets the HF attention module itself, run with HF's
+    SDPA function and the mask the decoder built (sliding windows, bidirectional image
+    spans, padding included); its ``q/k/v/o`` projections are the bridge's linear
+    components, so ``hook_q/k/v/z`` fire as before. A self-checking fast path: the first call
+    per attention class and process is compared with the eager path (hooks muted).
+    """
+
+    sdpa = True
+
+    def _eager_only_hooked(self) -> bool:
+        for name, child in self._modules.items():  # type: ignore[attr-defined]
+            if isinstance(child, HookPoint) and name not in ("hook_in", "hook_out"):
+                if child._forward_hooks or child._forward_pre_hooks or child._backward_hooks or child._backward_pre_hooks:
+                    return True
+        return False
+
+    def _sdpa_allowed(self, kwargs: dict) -> bool:
+        hf = self.original_component  # type: ignore[attr-defined]
+        config = getattr(self, "config", None)
+        return (
+            self.sdpa
+            and hf is not None
+            and hasattr(getattr(hf, "config", None), "_attn_implementation_internal")
+            and not kwargs.get("output_attentions")
+            and not (self.training and getattr(hf, "attention_dropout", 0.0))  # type: ignore[attr-defined]
+            and getattr(hf, "attn_logit_softcapping", None) is None
+            and getattr(hf, "sinks", None) is None
+            and not getattr(self, "requires_relative_position_bias", False)
+            and not getattr(hf, "accepts_pattern_fn", False)
+            and not any(getattr(config, flag, False) for flag in _QKV_FLAGS)
+            and not self._eager_only_hooked()
+        )
+
+    def _sdpa_forward(self, *args: Any, **kwargs: Any) -> Any:
+        config = self.original_component.config  # type: ignore[attr-defined]
+        if getattr(self.original_component, "is_causal", False) and _plainly_causal(kwargs.get("attention_mask")):  # type: ignore[attr-defined]
+            kwargs["attention_mask"] = None  # SDPA's is_causal skips the masked half of the blocks
+        before = config._attn_implementation_internal
+        config._attn_implementation_internal = "sdpa"
+        try:
+            return AttentionBridge.forward(self, *args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            config._attn_implementation_internal = before
+
+    def _sdpa_agrees(self, args: tuple, kwargs: dict) -> bool:
+        """Both paths once, hooks muted and without the KV cache; ``True`` when they agree."""
+        kwargs = {k: (None if k in _CACHE_KEYWORDS else v) for k, v in kwargs.items()}
+        points = [m for m in self.modules() if isinstance(m, HookPoint)]  # type: ignore[attr-defined]
+        saved = [(m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks) for m in points]
+        try:
+            for m in points:
+                m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks = {}, {}, {}, {}
+            with torch.no_grad():
+                plain = super().forward(*args, **kwargs)  # type: ignore[misc]
+                agreed = agreeing(
+                    "SDPA attention", lambda: self._sdpa_forward(*args, **kwargs), _first(plain), view=_first, rtol=1e-4
+                )
+        finally:
+            for m, hooks in zip(points, saved):
+                m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks = hooks
+        return agreed is not None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._sdpa_allowed(kwargs):
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        cls = type(self)
+        if cls not in SDPA_CHECKED:
+            if any(_filled(kwargs.get(k)) for k in _CACHE_KEYWORDS):
+                return super().forward(*args, **kwargs)  # type: ignore[misc]
+            SDPA_CHECKED[cls] = self._sdpa_agrees(args, kwargs)
+        if not SDPA_CHECKED[cls]:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        return self._sdpa_forward(*args, **kwargs)
+
+
+_CAUSAL_SEEN: list = [None, False]  # (weak reference to the last mask checked, its verdict)
+
+
+def _plainly_causal(mask: Any) -> bool:
+    """Whether ``mask`` ``[batch, 1, pos, pos]`` (additive or boolean) is the plain causal
+    mask: no padding, window or bidirectional span. Checked once per mask tensor (every
+    layer of a forward gets the same one)."""
+    if not isinstance(mask, Tensor) or mask.dim() != 4 or mask.shape[-1] != mask.shape[-2] or mask.shape[1] != 1:
+        return False
+    seen, verdict = _CAUSAL_SEEN
+    if seen is None or seen() is not mask:
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
+        verdict = bool(torch.equal(allowed, causal.expand_as(allowed)))
+        _CAUSAL_SEEN[:] = [weakref.ref(mask), verdict]
+    return verdict
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _filled(cache: Any) -> bool:
+    """Whether a KV cache already holds positions (a check then cannot rerun the step)."""
+    if cache is None:
+        return False
+    length = getattr(cache, "get_seq_length", None)
+    return True if length is None else bool(length())
+
+
+_SDPA_CLASSES: dict[type, type] = {}
+
+
+def attend_through_sdpa(bridge: torch.nn.Module, enabled: bool = True) -> int:
+    """Let every attention bridge of ``bridge`` run through SDPA when no hook needs its
+    pattern (``enabled=False``: always the eager TransformerLens path). Returns how many
+    attention modules there are."""
+    count = 0
+    for module in bridge.modules():
+        cls = type(module)
+        if not isinstance(module, AttentionBridge):
+            continue
+        if not issubclass(cls, _SdpaAttention):
+            if cls not in _SDPA_CLASSES:
+                _SDPA_CLASSES[cls] = type(cls.__name__, (_SdpaAttention, cls), {"__module__": cls.__module__})
+            module.__class__ = _SDPA_CLASSES[cls]
+        module.sdpa = enabled
+        count += 1
+    return count
