@@ -110,6 +110,7 @@ def run_domain_neurons(
     mode: str = "zero",
     seeds: Sequence[int] = (0, 1, 2),
     doses: Sequence[float] = DOSES,
+    dose_samples: int = 16,
     evaluation_samples: int = 64,
     batch_size: int = 8,
     max_new_tokens: int = 8,
@@ -120,10 +121,12 @@ def run_domain_neurons(
     module (checkpointed under ``out``), LAPE selection, deactivation of each domain's
     neurons against matched random controls (``mode="mean"`` replaces them by their mean
     over the statistics), evaluated on the first ``evaluation_samples`` samples of each
-    domain, and a dose-response curve over ``doses`` (fractions of neurons; empty: none).
+    domain, and a dose-response curve over ``doses`` (fractions of neurons; empty: none) on
+    the first ``dose_samples`` of those per domain.
     Writes tables, tensors, plots and ``report.html``, which opens with what was measured."""
     settings = dict(top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio, mode=mode,
-                    seeds=list(seeds), doses=list(doses), evaluation_samples=evaluation_samples, batch_size=batch_size,
+                    seeds=list(seeds), doses=list(doses), dose_samples=dose_samples, evaluation_samples=evaluation_samples,
+                    batch_size=batch_size,
                     max_new_tokens=max_new_tokens)
     out = _open_results(out, "neurons", model, samples, settings, overwrite)
     image_samples = with_images(samples)
@@ -148,7 +151,7 @@ def run_domain_neurons(
     curve = None
     if doses:
         curve = dose_response(
-            model, evaluated,
+            model, first_per_domain(evaluated, dose_samples),
             lambda rate: select_domain_neurons(stats, top_rate=rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio),
             doses=doses, seeds=seeds, mode=mode, means=means, batch_size=batch_size, progress=progress,
         )
