@@ -254,7 +254,7 @@ def patch(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Activation patching across two images with the same question and different answers:
-    per layer and position, and per image cell drawn over the picture."""
+    per layer and position (each named by its token), and per image cell beside the clean and corrupted pictures."""
     from mm_lens.analysis.patching import HOOKS, METRICS
     from mm_lens.pipelines import run_patching
 

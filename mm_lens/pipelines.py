@@ -43,7 +43,7 @@ from mm_lens.neurons.modality_neurons import (
 from mm_lens.neurons.neuron_set import NeuronSet, library_versions
 from mm_lens.neurons.statistics import NeuronStats, NeuronStatsCollector
 from mm_lens.presentation.report import HTMLReport
-from mm_lens.presentation.visualize import heatmap_for
+from mm_lens.presentation.visualize import patching_pictures
 
 
 @dataclass
@@ -323,13 +323,15 @@ def run_patching(
                                                "description": description}, indent=2))
     strongest = by_cell.layers[int(by_cell.effect.abs().sum(1).argmax())]
     mm = clean.modality_map
-    figure = heatmap_for(model, clean, by_cell.position_values(strongest, mm.shape), image_index=0, view=0,
-                         image=clean_sample["image"], cmap="RdBu", title=f"patching effect per image cell, layer {strongest}")
+    figure = patching_pictures(model, clean, by_cell.position_values(strongest, mm.shape), clean_sample["image"],
+                               corrupted_sample["image"], title=f"effect per image cell, layer {strongest}",
+                               label="effect (0 = corrupted, 1 = clean)")
 
     report = HTMLReport("Activation patching across images")
     report.add_text(description)
     report.add_figure(by_position.plot(), "Effect per layer and position (0 = corrupted, 1 = clean)", save_as=out / "by_position.png")
-    report.add_figure(figure, f"Effect per image cell at layer {strongest}, over the clean picture", save_as=out / "by_cell_over_image.png")
+    report.add_figure(figure, f"The clean and corrupted pictures, and the effect of patching each image cell at layer {strongest} "
+                              "(the layer where cells matter most), drawn in the clean picture's frame", save_as=out / "by_cell_pictures.png")
     report.add_figure(by_cell.plot(), "Effect per layer and image cell", save_as=out / "by_cell.png")
     report.save(out / "report.html")
     close_results_folder(out)
