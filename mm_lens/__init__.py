@@ -33,7 +33,7 @@ from mm_lens.neurons.modality_neurons import collect_miner_scores, select_modali
 from mm_lens.neurons.neuron_set import NeuronSet  # noqa: E402
 from mm_lens.pipelines import counterfactual_pair  # noqa: E402
 from mm_lens.presentation.attention_view import attention_view  # noqa: E402
-from mm_lens.presentation.visualize import attribution_heatmaps, heatmap_for  # noqa: E402
+from mm_lens.presentation.visualize import attribution_heatmaps, heatmap_for, patching_pictures  # noqa: E402
 
 __all__ = [
     "ARCHITECTURES",
@@ -68,6 +68,7 @@ __all__ = [
     "evaluate_cross_domain",
     "first_per_domain",
     "heatmap_for",
+    "patching_pictures",
     "knockout_effect",
     "knockout_hooks",
     "language_model_filter",

@@ -148,6 +148,7 @@ def neurons(
     top_rate: float = typer.Option(0.01, help="Share of each module's neurons kept (LAPE)."),
     mode: ModeOption = "zero",
     doses: str = typer.Option("0.01,0.02,0.05,0.1,0.2", help="Shares of neurons for the dose-response curve ('' for none)."),
+    dose_samples: int = typer.Option(16, help="Samples per domain for the dose-response curve."),
     evaluation_samples: int = typer.Option(40, help="Samples per domain for the deactivation evaluation."),
     seeds: SeedsOption = "0,1,2",
     batch_size: int = typer.Option(16),
@@ -162,10 +163,11 @@ def neurons(
     _check_mode(mode)
     doses_ = _doses(doses)
     _check(evaluation_samples >= 1, "--evaluation-samples", f"must be at least 1, got {evaluation_samples}")
+    _check(dose_samples >= 1, "--dose-samples", f"must be at least 1, got {dose_samples}")
     seeds_ = _seeds(seeds)
     hooked, samples = _load(model, data, split, limit)
     run = run_domain_neurons(hooked, samples, out, overwrite=overwrite, top_rate=top_rate, mode=mode, seeds=seeds_, doses=doses_,
-                             evaluation_samples=evaluation_samples, batch_size=batch_size)
+                             dose_samples=dose_samples, evaluation_samples=evaluation_samples, batch_size=batch_size)
     typer.echo(run.neurons.table())
     typer.echo(run.evaluation.table("answer_logprob"))
     typer.echo(run.evaluation.table("accuracy"))
@@ -252,7 +254,7 @@ def patch(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Activation patching across two images with the same question and different answers:
-    per layer and position, and per image cell drawn over the picture."""
+    per layer and position (each named by its token), and per image cell beside the clean and corrupted pictures."""
     from mm_lens.analysis.patching import HOOKS, METRICS
     from mm_lens.pipelines import run_patching
 

@@ -43,7 +43,7 @@ from mm_lens.neurons.modality_neurons import (
 from mm_lens.neurons.neuron_set import NeuronSet, library_versions
 from mm_lens.neurons.statistics import NeuronStats, NeuronStatsCollector
 from mm_lens.presentation.report import HTMLReport
-from mm_lens.presentation.visualize import heatmap_for
+from mm_lens.presentation.visualize import patching_pictures
 
 
 @dataclass
@@ -110,6 +110,7 @@ def run_domain_neurons(
     mode: str = "zero",
     seeds: Sequence[int] = (0, 1, 2),
     doses: Sequence[float] = DOSES,
+    dose_samples: int = 16,
     evaluation_samples: int = 64,
     batch_size: int = 8,
     max_new_tokens: int = 8,
@@ -120,10 +121,12 @@ def run_domain_neurons(
     module (checkpointed under ``out``), LAPE selection, deactivation of each domain's
     neurons against matched random controls (``mode="mean"`` replaces them by their mean
     over the statistics), evaluated on the first ``evaluation_samples`` samples of each
-    domain, and a dose-response curve over ``doses`` (fractions of neurons; empty: none).
+    domain, and a dose-response curve over ``doses`` (fractions of neurons; empty: none) on
+    the first ``dose_samples`` of those per domain.
     Writes tables, tensors, plots and ``report.html``, which opens with what was measured."""
     settings = dict(top_rate=top_rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio, mode=mode,
-                    seeds=list(seeds), doses=list(doses), evaluation_samples=evaluation_samples, batch_size=batch_size,
+                    seeds=list(seeds), doses=list(doses), dose_samples=dose_samples, evaluation_samples=evaluation_samples,
+                    batch_size=batch_size,
                     max_new_tokens=max_new_tokens)
     out = _open_results(out, "neurons", model, samples, settings, overwrite)
     image_samples = with_images(samples)
@@ -148,7 +151,7 @@ def run_domain_neurons(
     curve = None
     if doses:
         curve = dose_response(
-            model, evaluated,
+            model, first_per_domain(evaluated, dose_samples),
             lambda rate: select_domain_neurons(stats, top_rate=rate, filter_rate=filter_rate, activation_bar_ratio=activation_bar_ratio),
             doses=doses, seeds=seeds, mode=mode, means=means, batch_size=batch_size, progress=progress,
         )
@@ -320,13 +323,15 @@ def run_patching(
                                                "description": description}, indent=2))
     strongest = by_cell.layers[int(by_cell.effect.abs().sum(1).argmax())]
     mm = clean.modality_map
-    figure = heatmap_for(model, clean, by_cell.position_values(strongest, mm.shape), image_index=0, view=0,
-                         image=clean_sample["image"], cmap="RdBu", title=f"patching effect per image cell, layer {strongest}")
+    figure = patching_pictures(model, clean, by_cell.position_values(strongest, mm.shape), clean_sample["image"],
+                               corrupted_sample["image"], title=f"effect per image cell, layer {strongest}",
+                               label="effect (0 = corrupted, 1 = clean)")
 
     report = HTMLReport("Activation patching across images")
     report.add_text(description)
     report.add_figure(by_position.plot(), "Effect per layer and position (0 = corrupted, 1 = clean)", save_as=out / "by_position.png")
-    report.add_figure(figure, f"Effect per image cell at layer {strongest}, over the clean picture", save_as=out / "by_cell_over_image.png")
+    report.add_figure(figure, f"The clean and corrupted pictures, and the effect of patching each image cell at layer {strongest} "
+                              "(the layer where cells matter most), drawn in the clean picture's frame", save_as=out / "by_cell_pictures.png")
     report.add_figure(by_cell.plot(), "Effect per layer and image cell", save_as=out / "by_cell.png")
     report.save(out / "report.html")
     close_results_folder(out)

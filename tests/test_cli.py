@@ -32,7 +32,7 @@ def test_inspect_writes_summary(tmp_path):
         ("miner", ["--limit", "4", "--evaluation-samples", "2", "--seeds", "0", "--ratio", "0.05", "--mode", "mean"],
          ["neurons.txt", "deactivation.txt", "convergence.png"]),
         ("logit-lens", ["--limit", "3"], ["logit_lens.txt", "logit_lens.png", "lens.safetensors"]),
-        ("patch", ["--domain", "scene"], ["by_position.png", "by_cell_over_image.png", "pair.json"]),
+        ("patch", ["--domain", "scene"], ["by_position.png", "by_cell_pictures.png", "pair.json"]),
     ],
 )
 def test_analysis_command_writes_results_folder(command, extra, files, tmp_path):

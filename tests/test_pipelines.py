@@ -58,7 +58,7 @@ def test_run_patching_picks_a_counterfactual_pair_and_draws_it(model, tmp_path):
     run = run_patching(model, samples, tmp_path, progress=False)
     assert run.by_position.effect.shape[0] == model.cfg.n_layers
     assert all(u.cell is not None for u in run.by_cell.units)
-    for name in ("by_position.png", "by_cell_over_image.png", "report.html", "pair.json"):
+    for name in ("by_position.png", "by_cell_pictures.png", "report.html", "pair.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     rebuilt = folder_report(tmp_path)
     assert not remote_references(rebuilt.read_text())

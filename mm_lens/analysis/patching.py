@@ -31,7 +31,7 @@ from mm_lens.base.display import new_figure
 from mm_lens.base.fast_path import agreeing
 from mm_lens.base.hooks import block_hook, resolve_layers
 from mm_lens.base.io import load_tensors, save_tensors
-from mm_lens.base.modality import ModalityMap, position_mask
+from mm_lens.base.modality import MODALITIES, ModalityMap, position_mask
 from mm_lens.model.hooked import HookedMLLM, map_difference
 from mm_lens.model.inputs import MultimodalBatch
 
@@ -73,8 +73,9 @@ class Unit:
     cell: tuple[int, int, int, int] | None = None  # (image, view, row, col) for grid cells
 
 
-def _units(mm: ModalityMap, positions: str | Sequence[str] | Tensor, per: str, cell_size: int) -> list[Unit]:
-    """The patch units of a batch whose rows all place the chosen positions alike."""
+def _units(mm: ModalityMap, positions: str | Sequence[str] | Tensor, per: str, cell_size: int, names: Sequence[str]) -> list[Unit]:
+    """The patch units of a batch whose rows all place the chosen positions alike; ``names``
+    labels each position of the first row (``position_names``)."""
     chosen = position_mask(mm, positions)
     if not (chosen == chosen[0]).all():
         raise ValueError(
@@ -87,7 +88,7 @@ def _units(mm: ModalityMap, positions: str | Sequence[str] | Tensor, per: str, c
     if per == "all":
         return [Unit(where, f"{positions} (all {where.numel()})")]
     if per == "position":
-        return [Unit(p[None], f"pos {int(p)}") for p in where]
+        return [Unit(p[None], names[int(p)]) for p in where]
     if per != "cell":
         raise ValueError(f"per must be 'position', 'cell' or 'all', not {per!r}")
     groups: dict[tuple[int, int, int, int], list[int]] = {}
@@ -103,6 +104,66 @@ def _units(mm: ModalityMap, positions: str | Sequence[str] | Tensor, per: str, c
     return [
         Unit(torch.tensor(ps), f"image {k[0]} view {k[1]} cell ({k[2]},{k[3]})", k) for k, ps in sorted(groups.items())
     ]
+
+
+def position_names(model: HookedMLLM, batch: MultimodalBatch, row: int = 0) -> list[str]:
+    """One label per position of batch row ``row`` naming its place, token and modality:
+    ``"7 'car' text"``, ``"1 '<s>' special"``, ``"3 <img 0:r1c2>"``."""
+    mm = batch.modality_map
+    tokens = model.processor.tokenizer.convert_ids_to_tokens(batch.inputs["input_ids"][row].tolist())
+    names = []
+    for pos, token in enumerate(tokens):
+        media = mm.media_label(row, pos)
+        names.append(f"{pos} {media}" if media else f"{pos} {str(token)!r} {MODALITIES[int(mm.modality[row, pos])]}")
+    return names
+
+
+def _check_recoverable(metric: Any, clean_value: float, corrupted_value: float) -> None:
+    if abs(clean_value - corrupted_value) < 1e-12:
+        raise ValueError(f"the {metric} metric is the same on the clean and corrupted runs; nothing to recover")
+
+
+@dataclass(frozen=True)
+class _SweepPlan:
+    """What ``patch_sweep`` and ``attribution_patch`` both settle before running: the two
+    runs by name, the layers, the units (labelled by ``position_names``) and hook names."""
+
+    runs: dict[str, MultimodalBatch]
+    layers: list[int]
+    units: list[Unit]
+    names: list[str]
+    settings: dict[str, Any]
+
+    @classmethod
+    def check(cls, model: HookedMLLM, clean: MultimodalBatch, corrupted: MultimodalBatch, hook: str,
+              layers: Sequence[int] | None, positions: str | Sequence[str] | Tensor, per: str, cell_size: int,
+              source: str, target: str) -> "_SweepPlan":
+        check_counterfactual(clean, corrupted)
+        if hook not in HOOKS:
+            raise ValueError(f"unknown hook {hook!r}; choose one of {', '.join(HOOKS)}")
+        runs = {"clean": clean, "corrupted": corrupted}
+        if source not in runs or target not in runs:
+            raise ValueError("source and target must each be 'clean' or 'corrupted'")
+        layers = resolve_layers(layers, model.cfg.n_layers)
+        units = _units(clean.modality_map, positions, per, cell_size, position_names(model, clean))
+        settings = {"positions": positions if not isinstance(positions, Tensor) else "mask", "per": per,
+                    "cell_size": cell_size, "source": source, "target": target}
+        return cls(runs, layers, units, [block_hook(l, hook) for l in layers], settings)
+
+    def result(self, raw: Tensor, clean_value: float, corrupted_value: float, hook: str, metric: Any,
+               **metadata: Any) -> "PatchingResult":
+        """The sweep's ``PatchingResult`` from the raw metric per layer and unit."""
+        return PatchingResult(
+            effect=(raw - corrupted_value) / (clean_value - corrupted_value),
+            metric=raw,
+            clean_metric=clean_value,
+            corrupted_metric=corrupted_value,
+            layers=self.layers,
+            units=self.units,
+            hook=hook,
+            metric_name=metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"),
+            metadata=self.settings | metadata,
+        )
 
 
 def _tile(inputs: dict[str, Tensor], copies: int) -> dict[str, Tensor]:
@@ -301,16 +362,8 @@ def patch_sweep(
     run's cached residual instead of recomputing the vision tower and the layers below;
     ``fast=False`` runs every patch as a full forward, as TransformerLens does (same results).
     """
-    check_counterfactual(clean, corrupted)
-    if hook not in HOOKS:
-        raise ValueError(f"unknown hook {hook!r}; choose one of {', '.join(HOOKS)}")
-    runs = {"clean": clean, "corrupted": corrupted}
-    if source not in runs or target not in runs:
-        raise ValueError("source and target must each be 'clean' or 'corrupted'")
-    layers = resolve_layers(layers, model.cfg.n_layers)
-    mm = clean.modality_map
-    units = _units(mm, positions, per, cell_size)
-    names = [block_hook(l, hook) for l in layers]
+    plan = _SweepPlan.check(model, clean, corrupted, hook, layers, positions, per, cell_size, source, target)
+    runs, layers, units, names, mm = plan.runs, plan.layers, plan.units, plan.names, clean.modality_map
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
         corrupted_logits, corrupted_cache = model.run_with_cache(corrupted, names_filter=names)
@@ -320,9 +373,7 @@ def patch_sweep(
     at_last = fast and not callable(metric)
     measure_last = _metric_fn(metric, clean_logits, corrupted_logits, mm.last, answer_tokens, wrong_tokens, relative=True) if at_last else measure
     clean_value, corrupted_value = float(measure(clean_logits).mean()), float(measure(corrupted_logits).mean())
-    denominator = clean_value - corrupted_value
-    if abs(denominator) < 1e-12:
-        raise ValueError(f"the {metric} metric is the same on the clean and corrupted runs; nothing to recover")
+    _check_recoverable(metric, clean_value, corrupted_value)
 
     rows = mm.shape[0]
     resume = _ResumableRun(model, runs[target]) if fast else None
@@ -369,18 +420,7 @@ def patch_sweep(
             raw[li, start : start + copies] = per_copy.cpu()
             bar.update(1)
     bar.close()
-    return PatchingResult(
-        effect=(raw - corrupted_value) / denominator,
-        metric=raw,
-        clean_metric=clean_value,
-        corrupted_metric=corrupted_value,
-        layers=layers,
-        units=units,
-        hook=hook,
-        metric_name=metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"),
-        metadata={"positions": positions if not isinstance(positions, Tensor) else "mask", "per": per,
-                  "cell_size": cell_size, "source": source, "target": target},
-    )
+    return plan.result(raw, clean_value, corrupted_value, hook, metric)
 
 
 def attribution_patch(
@@ -409,16 +449,8 @@ def attribution_patch(
     the patched activation; elsewhere an estimate to compare with ``patch_sweep`` (see
     ``layer_agreement``), much cheaper for many units.
     """
-    check_counterfactual(clean, corrupted)
-    if hook not in HOOKS:
-        raise ValueError(f"unknown hook {hook!r}; choose one of {', '.join(HOOKS)}")
-    runs = {"clean": clean, "corrupted": corrupted}
-    if source not in runs or target not in runs:
-        raise ValueError("source and target must each be 'clean' or 'corrupted'")
-    layers = resolve_layers(layers, model.cfg.n_layers)
-    mm = clean.modality_map
-    units = _units(mm, positions, per, cell_size)
-    names = [block_hook(l, hook) for l in layers]
+    plan = _SweepPlan.check(model, clean, corrupted, hook, layers, positions, per, cell_size, source, target)
+    runs, layers, units, names, mm = plan.runs, plan.layers, plan.units, plan.names, clean.modality_map
     with torch.no_grad():
         source_logits, source_cache = model.run_with_cache(runs[source], names_filter=names)
     kept: dict[str, Tensor] = {}
@@ -446,9 +478,7 @@ def attribution_patch(
         value.backward()
     clean_value = float(torch.as_tensor(measure(logits["clean"])).float().mean())
     corrupted_value = float(torch.as_tensor(measure(logits["corrupted"])).float().mean())
-    denominator = clean_value - corrupted_value
-    if abs(denominator) < 1e-12:
-        raise ValueError(f"the {metric} metric is the same on the clean and corrupted runs; nothing to recover")
+    _check_recoverable(metric, clean_value, corrupted_value)
     raw = torch.zeros(len(layers), len(units))
     for li, name in enumerate(names):
         act = kept[name]
@@ -457,18 +487,7 @@ def attribution_patch(
         change = ((source_cache[name].float() - act.detach().float()) * act.grad.float()).flatten(2).sum(-1)  # [batch, pos]
         change = change.sum(0)
         raw[li] = torch.stack([change[u.positions.to(change.device)].sum() for u in units]).cpu() + float(value.detach())
-    return PatchingResult(
-        effect=(raw - corrupted_value) / denominator,
-        metric=raw,
-        clean_metric=clean_value,
-        corrupted_metric=corrupted_value,
-        layers=layers,
-        units=units,
-        hook=hook,
-        metric_name=metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"),
-        metadata={"positions": positions if not isinstance(positions, Tensor) else "mask", "per": per, "cell_size": cell_size,
-                  "source": source, "target": target, "method": "attribution"},
-    )
+    return plan.result(raw, clean_value, corrupted_value, hook, metric, method="attribution")
 
 
 def layer_agreement(estimate: PatchingResult, exact: PatchingResult) -> Float[Tensor, "layer"]:

@@ -126,6 +126,22 @@ class ModalityMap:
         codes = torch.tensor([modality_code(m) for m in modalities])
         return torch.isin(self.modality, codes)
 
+    def media_label(self, row: int, pos: int) -> str | None:
+        """Compact label of a media position (``<img 0:r2c5>`` base view, ``<img 0:hi r2c5>``
+        high-resolution view, ``<img 0:nl>`` newline, ``<img 0:cls>``, ``<audio 1:7>`` for
+        an item without a grid), or None for a text, special or padding position."""
+        item = int(self.image[row, pos])
+        if item < 0:
+            return None
+        kind = self.item_modality[item] if item < len(self.item_modality) else "image"
+        short = {"image": "img", "video": "vid"}.get(kind, kind)
+        if bool(self.newline[row, pos]):
+            return f"<{short} {item}:nl>"
+        r, c, tile = int(self.row[row, pos]), int(self.col[row, pos]), int(self.tile[row, pos])
+        if r < 0 or c < 0:  # a class token of a gridded picture, or a step of a sequence (queries, frames)
+            return f"<{short} {item}:cls>" if self.grids[item] else f"<{short} {item}:{int(self.feature[row, pos])}>"
+        return f"<{short} {item}:{'hi ' if tile >= 1 else ''}r{r}c{c}>"
+
     def last_mask(self) -> Bool[Tensor, "batch pos"]:
         """The last non-padding position of every row."""
         mask = torch.zeros(self.shape, dtype=torch.bool)

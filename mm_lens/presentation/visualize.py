@@ -144,20 +144,6 @@ def _kept_positions(batch: Any, mm: ModalityMap, row: int) -> Tensor:
     return torch.nonzero(~mm.mask("padding")[row]).flatten()
 
 
-def image_token_label(mm: ModalityMap, row: int, pos: int) -> str | None:
-    """Compact label of an image position (``<img 0:r2c5>`` base view, ``<img 0:hi r2c5>``
-    high-resolution view, ``<img 0:nl>`` newline, ``<img 0:cls>``), or None for other tokens."""
-    image = int(mm.image[row, pos])
-    if image < 0:
-        return None
-    if bool(mm.newline[row, pos]):
-        return f"<img {image}:nl>"
-    r, c, tile = int(mm.row[row, pos]), int(mm.col[row, pos]), int(mm.tile[row, pos])
-    if r < 0 or c < 0:
-        return f"<img {image}:cls>"
-    return f"<img {image}:{'hi ' if tile >= 1 else ''}r{r}c{c}>"
-
-
 def token_labels(model: HookedMLLM, batch: Any, row: int = 0) -> list[str]:
     """String tokens of the non-padding positions of ``row``; image tokens by their patch."""
     mm = _modality_map(model, batch)
@@ -166,7 +152,7 @@ def token_labels(model: HookedMLLM, batch: Any, row: int = 0) -> list[str]:
     tokens = model.processor.tokenizer.convert_ids_to_tokens(ids)
     labels = []
     for pos, token in zip(positions.tolist(), tokens):
-        labels.append(image_token_label(mm, row, pos) or str(token))
+        labels.append(mm.media_label(row, pos) or str(token))
     return labels
 
 
@@ -332,12 +318,15 @@ def patch_heatmap(
     title: str | None = None,
     colorbar: bool = True,
     limits: tuple[float, float] | None = None,
+    over_picture: bool = True,
 ) -> Any:
     """Draw a per-patch grid over ``image`` (NaN cells transparent); returns the Figure.
 
     ``extent`` = (left, right, bottom, top) in the picture's pixels; by default the grid is
     stretched over the whole picture. Use ``heatmap_for`` to place a model's grid correctly.
     ``limits``: the colour scale's (low, high), by default the grid's range.
+    ``over_picture=False`` draws the grid alone (opaque) in the picture's frame, to sit
+    beside the picture rather than over it.
     """
     from matplotlib.patches import Rectangle
 
@@ -345,12 +334,16 @@ def patch_heatmap(
     if extent is None:
         extent = (0.0, float(width), float(height), 0.0)
     fig, ax = figure_and_axes(ax, size=(5, 5 * height / max(width, 1) + 0.3))
-    ax.imshow(np.asarray(image.convert("RGB")), extent=(0, width, height, 0), interpolation="nearest")
+    if over_picture:
+        ax.imshow(np.asarray(image.convert("RGB")), extent=(0, width, height, 0), interpolation="nearest")
+    else:
+        alpha = 1.0
+        ax.add_patch(Rectangle((0, 0), width, height, fill=False, edgecolor="0.6"))
     values = np.ma.masked_invalid(torch.as_tensor(grid).detach().float().cpu().numpy())
     low, high = limits if limits is not None else (None, None)
     shown = ax.imshow(values, extent=extent, alpha=alpha, cmap=cmap, interpolation="nearest", vmin=low, vmax=high)
     left, right, bottom, top = extent
-    ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, edgecolor="white", linestyle="--"))
+    ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False, edgecolor="white" if over_picture else "0.3", linestyle="--"))
     ax.set_xlim(min(0, left), max(width, right))
     ax.set_ylim(max(height, bottom), min(0, top))
     if title:
@@ -387,6 +380,38 @@ def heatmap_for(
     extent = view_extent(model, image_size, view, padded_square=padded_square)
     kwargs.setdefault("title", f"image {image_index}, view {view}")
     return patch_heatmap(image, grid, extent=extent, **kwargs)
+
+
+def patching_pictures(
+    model: HookedMLLM,
+    batch: Any,
+    values: Float[Tensor, "batch pos"],
+    clean_image: Image.Image,
+    corrupted_image: Image.Image,
+    *,
+    image_index: int = 0,
+    view: int = 0,
+    title: str = "effect per image cell",
+    label: str = "effect",
+) -> Any:
+    """Three panels in a row: the clean picture, the corrupted picture and the per-position
+    ``values`` of image ``image_index`` (e.g. ``PatchingResult.position_values``) drawn on
+    their own, in the clean picture's frame, on a colour scale centred on zero."""
+    fig = new_figure(13, 4.6)
+    axes = fig.subplots(1, 3)
+    for ax, picture, name in ((axes[0], clean_image, "clean"), (axes[1], corrupted_image, "corrupted")):
+        ax.imshow(np.asarray(picture.convert("RGB")), interpolation="nearest")
+        ax.set_title(f"{name} picture")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    mm = _modality_map(model, batch)
+    grid = mm.to_grid(values.detach().cpu(), image_index, view)
+    bound = max(float(np.nanmax(np.abs(grid.numpy()))) if torch.isfinite(grid).any() else 0.0, 1e-2)
+    heatmap_for(model, batch, values, image_index, view, image=clean_image, ax=axes[2], cmap="RdBu",
+                limits=(-bound, bound), over_picture=False, title=title, colorbar=False)
+    shown = axes[2].images[-1]
+    fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.04, label=label)
+    return fig
 
 
 def attribution_heatmaps(

@@ -9,17 +9,6 @@ import torch
 from mm_lens.analysis.patching import PatchingResult, attribution_patch, layer_agreement, patch_sweep
 
 
-@pytest.fixture(scope="module")
-def pairs(models, images):
-    out = {}
-    for arch, model in models.items():
-        prompts = ["what is the color", "how many are there"]
-        clean = model.prepare_inputs(prompts, [images[0], images[0]])
-        corrupted = model.prepare_inputs(prompts, [images[2].resize(images[0].size)] * 2)
-        out[arch] = (clean, corrupted)
-    return out
-
-
 def test_source_into_itself_changes_nothing(model, pairs, arch):
     clean, corrupted = pairs[arch]
     ones = attribution_patch(model, clean, corrupted, source="clean", target="clean", positions="all")

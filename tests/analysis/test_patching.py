@@ -16,17 +16,6 @@ from mm_lens.analysis.patching import PatchingResult, patch_sweep, with_inputs
 from mm_lens.presentation.visualize import attention_view, top_k_view
 
 
-@pytest.fixture(scope="module")
-def pairs(models, images):
-    out = {}
-    for arch, model in models.items():
-        prompts = ["what is the color", "how many are there"]
-        clean = model.prepare_inputs(prompts, [images[0], images[0]])
-        corrupted = model.prepare_inputs(prompts, [images[2].resize(images[0].size), images[2].resize(images[0].size)])
-        out[arch] = (clean, corrupted)
-    return out
-
-
 def test_clean_into_clean_is_one_and_corrupted_into_corrupted_is_zero(model, pairs, arch):
     clean, corrupted = pairs[arch]
     ones = patch_sweep(model, clean, corrupted, source="clean", target="clean", positions="text", progress=False)
@@ -252,3 +241,23 @@ def test_a_drifted_block_signature_falls_back_to_full_forwards_with_a_warning(mo
 def _refuse_unknown_keyword(module, args, kwargs):
     if "not_a_block_argument" in kwargs:
         raise TypeError("forward() got an unexpected keyword argument 'not_a_block_argument'")
+
+
+def test_position_units_name_their_token_and_modality(model, pairs, arch):
+    clean, corrupted = pairs[arch]
+    result = patch_sweep(model, clean, corrupted, layers=[0], positions="all", metric="kl", progress=False)
+    mm, ids = clean.modality_map, clean.inputs["input_ids"][0]
+    tokens = model.processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+    kinds = {"text": 0, "media": 0}
+    for unit in result.units:
+        pos = int(unit.positions[0])
+        assert unit.label.split(" ")[0] == str(pos)
+        if int(mm.image[0, pos]) >= 0:
+            assert unit.label == f"{pos} {mm.media_label(0, pos)}" and unit.label.split(" ", 1)[1].startswith("<")
+            kinds["media"] += 1
+        else:
+            modality = mm.modality[0, pos]
+            assert unit.label == f"{pos} {tokens[pos]!r} {['text', 'image', 'special', 'padding', 'video', 'audio', 'generated'][modality]}"
+            kinds["text"] += bool(modality == 0)
+    assert kinds["text"] >= 4 and kinds["media"] >= 1
+    assert "'color' text" in " ".join(u.label for u in result.units) or "color" in "".join(tokens)

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 
@@ -242,3 +243,28 @@ def test_patch_heatmap_leaves_missing_cells_transparent():
     assert overlay.mask.tolist() == [[False, True], [False, False]]
     assert fig.axes[0].images[-1].get_extent() == [0, 20, 20, 0]
     plt.close(fig)
+
+
+def test_patching_pictures_show_both_pictures_and_the_effect_beside_them(models, images):
+    from mm_lens.analysis.patching import patch_sweep
+    from mm_lens.presentation.visualize import patching_pictures
+
+    model = models["llava"]
+    corrupted_picture = images[2].resize(images[0].size)
+    clean = model.prepare_inputs(["what is the color"], [images[0]])
+    corrupted = model.prepare_inputs(["what is the color"], [corrupted_picture])
+    result = patch_sweep(model, clean, corrupted, layers=[0], per="cell", metric="kl", progress=False)
+    values = result.position_values(0, clean.modality_map.shape)
+    figure = patching_pictures(model, clean, values, images[0], corrupted_picture)
+    panels = [ax for ax in figure.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels[:2]] == ["clean picture", "corrupted picture"]
+    shown = [np.asarray(ax.images[0].get_array()) for ax in panels[:2]]
+    assert np.array_equal(shown[0], np.asarray(images[0].convert("RGB")))
+    assert np.array_equal(shown[1], np.asarray(corrupted_picture.convert("RGB")))
+    effect = panels[2]
+    assert len(effect.images) == 1  # the grid alone: no picture under it
+    grid = np.ma.filled(effect.images[0].get_array(), np.nan)
+    expected = clean.modality_map.to_grid(values, 0, 0).numpy()
+    assert np.allclose(grid, expected, equal_nan=True)
+    low, high = effect.images[0].get_clim()
+    assert low == -high and high >= np.nanmax(np.abs(expected)) > 0
