@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from mm_lens.analysis.answers import with_choices
 from mm_lens.analysis.convergence import ConvergenceResult, analyze_convergence
 from mm_lens.analysis.dose_response import DOSES, DoseResponse, dose_response
 from mm_lens.analysis.evaluation import CrossDomainResult, evaluate_cross_domain
@@ -140,7 +141,7 @@ def run_domain_neurons(
     neurons.save(out / "neurons", overwrite=True)
     (out / "neurons.txt").write_text(neurons.table() + "\n")
 
-    evaluated = first_per_domain(image_samples, evaluation_samples)
+    evaluated = with_choices(first_per_domain(image_samples, evaluation_samples), image_samples)
     means = _means(stats, mode)
     evaluation = evaluate_cross_domain(
         model, evaluated, neurons, seeds=seeds, mode=mode, means=means,
@@ -227,9 +228,10 @@ def run_miner(
     neurons.save(out / "neurons", overwrite=True)
     (out / "neurons.txt").write_text(neurons.table() + "\n\noverlap between modalities\n" + str(neurons.overlap().tolist()) + "\n")
 
-    evaluation = [
-        dict(s, domain=name) for name, samples in datasets.items() for s in list(samples)[:evaluation_samples]
-    ]
+    evaluation = with_choices(
+        [dict(s, domain=name) for name, samples in datasets.items() for s in list(samples)[:evaluation_samples]],
+        [dict(s, domain=name) for name, samples in datasets.items() for s in list(samples)],
+    )
     deactivation = evaluate_cross_domain(
         model, evaluation, neurons, seeds=seeds, mode=mode, means=_miner_means(model, evaluation, mode, batch_size),
         include_union=True, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
@@ -394,6 +396,7 @@ def run_logit_lens(
         text += f"no three-stage split: the model has {len(summary.layers)} layer(s), fewer than 3\n"
     (out / "logit_lens.txt").write_text(text)
     report = HTMLReport("Logit lens on image tokens")
+    report.add_text(summary.summary())
     report.add_text(f"{len(image_samples)} samples; positions: {positions}; final norm and unembedding applied to each layer's residual.")
     report.add_preformatted(text)
     report.add_figure(summary.plot(), "Entropy of the lens distribution per layer (± std over positions), stage boundaries dashed",

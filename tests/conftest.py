@@ -5,6 +5,7 @@ images. Shared test data and references live in ``helpers.py``."""
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -81,3 +82,29 @@ def images() -> list[Image.Image]:
 def _no_grad():
     with torch.no_grad():
         yield
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by selenium through Debian's chromedriver (no download)."""
+    chromium = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None)
+    driver_path = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    missing = [what for what, found in (("chromium", chromium), ("chromedriver", driver_path), ("selenium", webdriver)) if not found]
+    if missing:
+        reason = f"no headless browser ({', '.join(missing)} missing): apt-get install chromium chromium-driver; pip install -e '.[dev]'"
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (.ci/run installs them)")
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    arguments = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage")
+    for argument in (*arguments, "--window-size=1200,1000", "--force-device-scale-factor=1"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    yield driver
+    driver.quit()

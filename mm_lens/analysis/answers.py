@@ -51,14 +51,20 @@ class AnswerScores:
     predictions: list[str] | None = None
 
 
-def answer_sets(samples: Samples) -> list[list[str]]:
-    """Each sample's closed answer set (its own answer first): its ``choices`` if it has
-    them, else the distinct answers of the samples (without ``choices``) sharing its domain
-    and question type."""
+def answers_of(samples: Samples) -> list[str]:
+    """The samples' answers, each checked to be a non-empty string."""
     answers = sample_column(samples, "answer")
     for i, answer in enumerate(answers):
         if not isinstance(answer, str) or not answer.strip():
             raise ValueError(f"sample {i} has the answer {answer!r}: answers must be non-empty strings")
+    return answers
+
+
+def answer_sets(samples: Samples) -> list[list[str]]:
+    """Each sample's closed answer set (its own answer first): its ``choices`` if it has
+    them, else the distinct answers of the samples (without ``choices``) sharing its domain
+    and question type."""
+    answers = answers_of(samples)
     rows = [samples[i] for i in range(len(samples))]
     keys = [(s.get("domain"), s.get("question_type")) for s in rows]
     shared: dict[Any, list[str]] = defaultdict(list)
@@ -72,6 +78,30 @@ def answer_sets(samples: Samples) -> list[list[str]]:
             raise ValueError(f"the answer {answer!r} is not among the sample's choices {choices}")
         sets.append([answer] + [c for c in choices if c != answer])
     return sets
+
+
+def with_choices(chosen: Samples, among: Samples, most: int = 32) -> list[Sample]:
+    """``chosen`` (e.g. a few samples per domain) with each sample's closed answer set from
+    ``among`` (the dataset it was drawn from) stored as ``choices``, so that margins of a
+    small subset still compare each answer with every answer its question type has, not
+    only those that happen to be in the subset. Samples with their own ``choices`` keep
+    them; a question type with more than ``most`` distinct answers is open-ended (and each
+    multi-token answer would cost a forward), so its samples are left as they are."""
+    pool = [among[i] for i in range(len(among))]
+    shared: dict[Any, list[str]] = defaultdict(list)
+    for row, answer in zip(pool, answers_of(pool)):
+        key = (row.get("domain"), row.get("question_type"))
+        if row.get("choices") is None and answer not in shared[key]:
+            shared[key].append(answer)
+    out = []
+    for row in (chosen[i] for i in range(len(chosen))):
+        key = (row.get("domain"), row.get("question_type"))
+        if row.get("choices") is not None or key not in shared or len(shared[key]) > most:
+            out.append(dict(row))
+            continue
+        choices = shared[key] if row.get("answer") in shared[key] else [*shared[key], row.get("answer")]
+        out.append(dict(row, choices=list(choices)))
+    return out
 
 
 def _forward(model: HookedMLLM, chunk: Sequence[Sample], answers: Sequence[str], deactivate: Deactivation | None):

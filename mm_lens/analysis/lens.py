@@ -312,6 +312,30 @@ class LensSummary:
             result[d] = (self.layers[b1], self.layers[b2])
         return result
 
+    def summary(self) -> str:
+        """Two or three sentences from the measured numbers: how far the entropy falls from
+        the first to the last layer read (against ln|V|), which domains end most and least
+        certain, and the most frequent top token at the last layer per domain."""
+        domains = self._domains_with_data()
+        if not domains:
+            return "No position was read: nothing to summarise."
+        mean = self.mean()
+        first, last = self.layers[0], self.layers[-1]
+        rows = [self.domains.index(d) for d in domains]
+        start, end = float(mean[rows, 0].mean()), float(mean[rows, -1].mean())
+        vocab = self.metadata.get("vocab_size")
+        ceiling = f" (ln|V| = {math.log(vocab):.2f})" if vocab else ""
+        text = (f"Averaged over {len(domains)} domain(s), the lens' entropy at {self.hook} goes from {start:.2f} nats at layer "
+                f"{first} to {end:.2f} at layer {last}{ceiling}.")
+        if len(domains) > 1:
+            ordered = sorted(domains, key=lambda d: float(mean[self.domains.index(d), -1]))
+            text += (f" At layer {last}, {ordered[0]} is the most certain ({float(mean[self.domains.index(ordered[0]), -1]):.2f} nats) "
+                     f"and {ordered[-1]} the least ({float(mean[self.domains.index(ordered[-1]), -1]):.2f}).")
+        tops = [f"{d} {token!r} ({share:.0%})" for d in domains for token, share in self.top_tokens(d, last, 1)]
+        if tops:
+            text += f" Most frequent top token at layer {last}: {', '.join(tops)}."
+        return text
+
     def table(self, n: int = 3) -> str:
         """Per domain and layer: entropy mean ± std, stage, the ``n`` most frequent top tokens."""
         stages = self.stages() if len(self.layers) >= 3 else {}

@@ -33,6 +33,7 @@ td.text { text-align: left; }
 figure { margin: 1em 0; }
 figcaption { font-size: 0.9em; color: #555; }
 img { max-width: 100%; }
+pre, .table-wrap { overflow-x: auto; max-width: 100%; }
 """
 
 
@@ -134,7 +135,7 @@ class HTMLReport:
             bad = [i for i, row in enumerate(body) if len(row) != len(header)]
             if bad:
                 raise ValueError(f"rows {bad} do not have {len(header)} values (one per header column)")
-        out = ["<table>"]
+        out = ['<div class="table-wrap"><table>']
         if caption:
             out.append(f"<caption>{html.escape(caption)}</caption>")
         out.append("<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>")
@@ -144,7 +145,7 @@ class HTMLReport:
                 css = "" if isinstance(value, (int, float)) else ' class="text"'
                 cells.append(f"<td{css}>{html.escape(_cell(value))}</td>")
             out.append("<tr>" + "".join(cells) + "</tr>")
-        out.append("</table>")
+        out.append("</table></div>")
         self._parts.append("\n".join(out))
         return self
 

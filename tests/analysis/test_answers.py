@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import make_samples
-from mm_lens.analysis.answers import answer_sets, normalize_answer, score_answers
+from mm_lens.analysis.answers import answer_sets, normalize_answer, score_answers, with_choices
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +34,17 @@ def _greedy_reference(hf_model, processor, sample, max_new_tokens):
     return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
-def _answer_logprob_reference(hf_model, processor, sample):
+def _answer_inputs(processor, sample):
+    """HF inputs of the chat prompt followed by the answer, and the answer's token ids."""
     from mm_lens.model.inputs import encode, format_prompt
 
-    n_images = 0 if sample["image"] is None else 1
-    prompt = format_prompt(processor, sample["question"], n_images, chat=True)
+    prompt = format_prompt(processor, sample["question"], 0 if sample["image"] is None else 1, chat=True)
     inputs = encode(processor, [prompt + " " + sample["answer"]], [sample["image"]], chat=False)
-    answer = processor.tokenizer(" " + sample["answer"], add_special_tokens=False)["input_ids"]
+    return inputs, processor.tokenizer(" " + sample["answer"], add_special_tokens=False)["input_ids"]
+
+
+def _answer_logprob_reference(hf_model, processor, sample):
+    inputs, answer = _answer_inputs(processor, sample)
     log_probs = hf_model(**inputs).logits[0].log_softmax(-1)
     length = inputs["input_ids"].shape[1]
     return sum(float(log_probs[length - len(answer) - 1 + i, t]) for i, t in enumerate(answer))
@@ -73,37 +77,8 @@ def test_answer_logprob_equals_direct_computation(model, hf_reference, samples):
 
 def _first_answer_position_reference(hf_model, processor, sample):
     """HF log-probs over the vocabulary where the answer's first token is predicted."""
-    from mm_lens.model.inputs import encode, format_prompt
-
-    prompt = format_prompt(processor, sample["question"], 0 if sample["image"] is None else 1, chat=True)
-    inputs = encode(processor, [prompt + " " + sample["answer"]], [sample["image"]], chat=False)
-    answer = processor.tokenizer(" " + sample["answer"], add_special_tokens=False)["input_ids"]
+    inputs, answer = _answer_inputs(processor, sample)
     return hf_model(**inputs).logits[0, inputs["input_ids"].shape[1] - len(answer) - 1].log_softmax(-1), answer[0]
-
-
-def test_normalize_answer_drops_case_punctuation_and_articles():
-    assert normalize_answer("  The Red, car. ") == "red car"
-    assert normalize_answer("an apple") == normalize_answer("Apple!")
-
-
-def test_greedy_predictions_equal_token_by_token_argmax(model, hf_reference, samples):
-    scores = score_answers(model, samples, batch_size=4, max_new_tokens=3)
-    for sample, prediction in zip(samples, scores.predictions):
-        assert prediction == _greedy_reference(hf_reference, model.processor, sample, 3)
-
-
-def test_exact_match_counts_only_matching_answers(model, samples):
-    predictions = score_answers(model, samples, max_new_tokens=3).predictions
-    kept = [i % 2 == 0 and bool(p.strip()) for i, p in enumerate(predictions)]  # an answer is never empty
-    relabelled = [dict(s, answer=p if keep else "zebra") for s, p, keep in zip(samples, predictions, kept)]
-    scores = score_answers(model, relabelled, max_new_tokens=3)
-    assert scores.correct.tolist() == kept
-
-
-def test_answer_logprob_equals_direct_computation(model, hf_reference, samples):
-    scores = score_answers(model, samples, batch_size=3, max_new_tokens=1)
-    expected = torch.tensor([_answer_logprob_reference(hf_reference, model.processor, s) for s in samples], dtype=torch.float64)
-    assert torch.allclose(scores.answer_logprob, expected, atol=1e-4)
 
 
 def test_answer_sets_group_by_domain_and_question_type_or_take_choices():
@@ -119,6 +94,22 @@ def test_answer_sets_group_by_domain_and_question_type_or_take_choices():
         answer_sets([{"answer": "yes", "domain": "b", "choices": ["no"]}])
     with pytest.raises(ValueError, match="sample 1 has the answer ' ': answers must be non-empty strings"):
         answer_sets([{"answer": "yes", "domain": "b"}, {"answer": " ", "domain": "b"}])
+
+
+def test_with_choices_gives_a_subset_the_answer_sets_of_its_whole_dataset():
+    whole = [
+        {"answer": "red", "domain": "a", "question_type": "color"},
+        {"answer": "blue", "domain": "a", "question_type": "color"},
+        {"answer": "green", "domain": "a", "question_type": "color"},
+        {"answer": "two", "domain": "a", "question_type": "count"},
+        {"answer": "yes", "domain": "b", "choices": ["no", "yes"]},
+    ]
+    subset = [whole[0], whole[3], whole[4], {"answer": "pink", "domain": "a", "question_type": "color"}]
+    assert answer_sets(subset) == [["red", "pink"], ["two"], ["yes", "no"], ["pink", "red"]]  # the subset alone
+    given = with_choices(subset, whole)
+    assert answer_sets(given) == [["red", "blue", "green"], ["two"], ["yes", "no"], ["pink", "red", "blue", "green"]]
+    assert "choices" not in subset[0]  # the caller's samples are left as they were
+    assert answer_sets(with_choices(subset, whole, most=2)) == answer_sets(subset)  # open-ended types are left alone
 
 
 @pytest.mark.parametrize("choices", [["red", "two", "no"], ["a road", "red", "no"]], ids=["one-token answers", "longer answers"])

@@ -7,7 +7,6 @@ import torch
 from matplotlib.figure import Figure
 
 from helpers import DOMAINS, make_samples
-from mm_lens.analysis.answers import score_answers
 from mm_lens.analysis.evaluation import METRICS, CrossDomainResult, evaluate_cross_domain
 from mm_lens.neurons.neuron_set import NeuronSet
 

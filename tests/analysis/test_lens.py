@@ -37,6 +37,16 @@ def test_summary_stages_split_each_domain_curve():
     summary.plot()
 
 
+
+def test_summary_sentences_carry_the_measured_numbers():
+    driving, medical = plateau_fall_tail(20, 5, 12), plateau_fall_tail(20, 8, 16) + 0.5
+    summary = _synthetic_summary({"driving": driving, "medical": medical})
+    text = summary.summary()
+    start, end = float((driving[0] + medical[0]) / 2), float((driving[-1] + medical[-1]) / 2)
+    assert f"goes from {start:.2f} nats at layer 0 to {end:.2f} at layer 19" in text
+    assert f"driving is the most certain ({float(driving[-1]):.2f} nats) and medical the least ({float(medical[-1]):.2f})" in text
+    assert "driving 'car' (70%)" in text and "medical 'car' (70%)" in text
+
 # ---- the model edge -------------------------------------------------------------------
 def _batch(model, n=4):
     samples = make_samples(n)
