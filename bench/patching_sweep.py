@@ -1,6 +1,8 @@
 """A full layer x image-position patching sweep (resid_pre): mm_lens' fast path (several
 patches per forward, each resumed at the patched layer from cached residuals) vs the same
 sweep done as TransformerLens does it (one full forward per patch). Results must agree.
+Then attribution patching over every image position against the exact fast sweep over the
+same positions: its time ratio, and how well its effects correlate with the sweep's per layer.
 
     python bench/patching_sweep.py [--quick]
 """
@@ -15,7 +17,7 @@ import torch
 from PIL import Image
 
 from common import QUESTION, bench_line, build_model
-from mm_lens.analysis.patching import patch_sweep
+from mm_lens.analysis.patching import attribution_patch, layer_agreement, patch_sweep
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="smaller model (under a minute)")
@@ -44,3 +46,16 @@ for name, seconds in times.items():
     print(f"  {name:<34} {seconds:7.2f} s")
 ratio = times["TL-style, full forward per patch"] / times["mm_lens fast path"]
 print(bench_line("patching", ratio, ">=", 2.0, vs="tl_forward_per_patch"))
+
+every = clean.modality_map.mask("image")
+start = time.perf_counter()
+exact = patch_sweep(model, clean, corrupted, positions=every, metric="logit_diff", progress=False, patches_per_forward=16)
+sweep_seconds = time.perf_counter() - start
+start = time.perf_counter()
+estimate = attribution_patch(model, clean, corrupted, positions=every, metric="logit_diff")
+attribution_seconds = time.perf_counter() - start
+agreement = layer_agreement(estimate, exact)
+print(f"attribution patching, {model.cfg.n_layers} layers x {len(exact.units)} image positions (logit_diff): "
+      f"sweep {sweep_seconds:.2f} s, attribution {attribution_seconds:.2f} s; correlation with the sweep per layer "
+      + " ".join(f"{float(r):.2f}" for r in agreement))
+print(bench_line("attribution_patching", sweep_seconds / attribution_seconds, ">=", 5.0, vs="mm_lens_fast_sweep"))
