@@ -14,6 +14,7 @@ import torch
 
 from common import batches, bench_line, build_model, samples, time_rivals
 from mm_lens.analysis.lens import logit_lens
+from mm_lens.analysis.lens_core import lens_logits_stats
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--quick", action="store_true", help="smaller model and fewer repeats")
@@ -39,3 +40,15 @@ for name, seconds in times.items():
     print(f"  {name:<40} {seconds * 1000:8.1f} ms   lens / this {lens / seconds:5.2f}")
 print(bench_line("logit_lens", lens / times["unembedding GEMM alone"], "<=", 1.3, vs="unembed_gemm"))
 print(bench_line("logit_lens", lens / times["bare HF forward (SDPA)"], "<=", 1.5, vs="hf_sdpa"))
+
+# The same core at a 7B model's width: the GEMM's d_model multiply-adds per logit then
+# outweigh the lens' fixed elementwise passes (softmax sums, entropy, top-k) over the logits.
+for width in (model.cfg.d_model, 4096):
+    rows = torch.randn(1024, width)
+    weights = torch.randn(width, model.cfg.d_vocab) / width**0.5
+    with torch.no_grad():
+        core = time_rivals({"GEMM": lambda: rows @ weights, "lens core": lambda: lens_logits_stats(rows, None, weights, k=10)},
+                           repeats=3)
+    print(f"  lens core on 1024 rows x d_model {width}: {core['lens core'] * 1000:.0f} ms, GEMM {core['GEMM'] * 1000:.0f} ms, "
+          f"ratio {core['lens core'] / core['GEMM']:.2f}")
+    print(bench_line("logit_lens_core", core["lens core"] / core["GEMM"], "<=", 1.3, vs="unembed_gemm", d_model=width))
