@@ -21,7 +21,6 @@ import time
 import torch
 
 from common import batches, bench_line, build_model, low_mmap_threshold, peak_extra_mb, peak_rss_mb, samples, time_rivals
-from mm_lens.model.architectures.bridge_components import attend_through_sdpa
 from mm_lens.neurons.collection import collect_neuron_stats
 from mm_lens.neurons.statistics import NeuronStatsCollector
 
@@ -42,11 +41,16 @@ lines = []
 
 
 def eager_stats(model, collector, batch, labels):
-    attend_through_sdpa(model.bridge, False)
+    model.use_sdpa = False
     try:
         collector.update(batch, labels)
     finally:
-        attend_through_sdpa(model.bridge, True)
+        model.use_sdpa = True
+
+
+def fast_forward(model, batch):
+    with model.fast_attention():
+        return model(batch)
 
 
 for index, shape in enumerate(args.shapes or (["quick"] if args.quick else ["llava15", "next"])):
@@ -62,7 +66,7 @@ for index, shape in enumerate(args.shapes or (["quick"] if args.quick else ["lla
             {
                 "bare HF forward (SDPA)": lambda: bare_sdpa(**batch.inputs),
                 "bare HF forward (eager)": lambda: bare_eager(**batch.inputs),
-                "bridge forward": lambda: model(batch),
+                "bridge forward": lambda: fast_forward(model, batch),
                 "mm_lens statistics": lambda: collector.update(batch, labels),
                 "statistics, eager attention": lambda: eager_stats(model, collector, batch, labels),
             },

@@ -28,7 +28,7 @@ from transformer_lens.model_bridge.sources.transformers import helpers as tl_loa
 from transformers import AutoConfig, AutoProcessor, Cache
 
 from mm_lens.model.architectures import ArchitectureSpec, spec_for
-from mm_lens.model.architectures.bridge_components import attend_through_sdpa, read_cache_keyword
+from mm_lens.model.architectures.bridge_components import attend_through_sdpa, read_cache_keyword, sdpa_attention
 from mm_lens.model.generation import Generation, StepRecorder, ended_rows, sequence_batch
 from mm_lens.model.inputs import ImagesPerPrompt, MediaPerPrompt, MultimodalBatch, encode
 from mm_lens.base.modality import MODALITIES, ModalityMap, build_modality_map
@@ -112,6 +112,7 @@ class HookedMLLM(torch.nn.Module):
         self.processor = processor
         self.spec = spec
         self._cached_maps: dict[int, ModalityMap] = {}  # id of a run_with_cache activation -> its batch's map
+        self.use_sdpa = True  # bulk jobs that need no attention pattern run it through SDPA (fast_attention)
         bridge.original_model.register_forward_pre_hook(self._refuse_runs_without_media, with_kwargs=True)
         self.eval()  # analyses run in evaluation mode, as HF's from_pretrained leaves models
 
@@ -156,7 +157,7 @@ class HookedMLLM(torch.nn.Module):
             )
         bridge.processor = processor
         read_cache_keyword(bridge)
-        attend_through_sdpa(bridge)
+        attend_through_sdpa(bridge, enabled=False)  # eager by default; bulk jobs turn SDPA on (fast_attention)
         if compatibility_mode:
             bridge.enable_compatibility_mode(disable_warnings=True)
         return cls(bridge, processor, spec)
@@ -480,6 +481,16 @@ class HookedMLLM(torch.nn.Module):
         if unknown:
             raise KeyError(f"names_filter names hooks this model does not have: {unknown}; see model.hook_dict")
         return wanted
+
+    def fast_attention(self, enabled: bool | None = None) -> contextlib.AbstractContextManager:
+        """Context manager: runs inside it compute attention through SDPA wherever no hook
+        needs the ``[batch, head, query, key]`` pattern (``hook_pattern``, ``hook_attn_scores``,
+        rotated/normed q and k), with ``hook_q/k/v/z`` still firing; a self-checking fast path,
+        compared with the eager path on its first call per attention class. Outside it
+        attention is TransformerLens' eager path, so hooked and plain runs stay bit-identical.
+        Bulk jobs that read no pattern (neuron statistics) run inside it; ``enabled`` defaults
+        to ``self.use_sdpa`` (set it to False to keep them eager)."""
+        return sdpa_attention(self.bridge, self.use_sdpa if enabled is None else enabled)
 
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
         """Context manager adding hooks for the calls made inside it (TL's ``hooks()``)."""

@@ -215,15 +215,17 @@ class NeuronStatsCollector:
 
     def update(self, batch: Any, domains: Sequence[str]) -> None:
         """Run ``batch`` (a ``MultimodalBatch``) once and add its activations; they are
-        reduced inside the hooks and never stored."""
-        with torch.no_grad():
+        reduced inside the hooks and never stored. Attention runs through SDPA
+        (``HookedMLLM.fast_attention``): no statistic reads the pattern."""
+        with torch.no_grad(), self.model.fast_attention():
             self.model.run_with_hooks(batch, fwd_hooks=self._reducers(batch, domains), return_type=None)
         self.batches += 1
 
     def add_cache(self, cache: ActivationCache | Mapping[str, Tensor], batch: Any, domains: Sequence[str]) -> None:
         """Add activations already cached for ``batch`` (e.g. by ``run_with_cache``). A cache
         keeps the last call of each hook only: encoder modules need batches with one kind of
-        media (``update`` takes any)."""
+        media (``update`` takes any). ``update`` runs attention through SDPA
+        (``model.fast_attention()``); a cache made outside it differs in the last bits."""
         kinds = set(batch.modality_map.item_modality)
         if len(kinds) > 1 and any(not name.startswith("blocks.") for hooks in self.hooks.values() for name in hooks):
             raise ValueError(
@@ -275,7 +277,8 @@ class NeuronStatsCollector:
             for start, end, destinations in spans:
                 values = rows[start:end]
                 wide = values.double()
-                reduced = ((values > 0).sum(0), wide.sum(0), (wide * wide).sum(0), values.amax(0).double(), values.amin(0).double())
+                low, high = torch.aminmax(values, dim=0)  # one pass for both
+                reduced = ((values > 0).sum(0), wide.sum(0), wide.square().sum(0), high.double(), low.double())
                 fired, total, squares, high, low = (t.to(stats.sum.device) for t in reduced)  # totals live on the CPU
                 if not self.allow_nonfinite and not bool(torch.isfinite(squares).all()):  # any NaN or inf reaches the sum of squares
                     raise ValueError(

@@ -120,20 +120,16 @@ def test_token_ids_alone_are_refused_instead_of_running_without_the_image(model,
 
 
 def test_the_canary_passes_working_generation_and_stops_broken_generation(model, batch, monkeypatch):
-    from mm_lens.model.architectures.bridge_components import _CacheKeywordAttention, attend_through_sdpa
+    from mm_lens.model.architectures.bridge_components import _CacheKeywordAttention
     from mm_lens.model.generation_check import check_generation, greedy_without_cache
 
     check_generation(model, batch, max_new_tokens=4)
     assert torch.equal(greedy_without_cache(model, batch, 4), model.generate(batch, max_new_tokens=4).new_tokens)
     # the transformers 5.24 failure: decoding steps that never see the cached keys
-    # (on TransformerLens' eager attention: the SDPA path leaves the cache to HF's module)
+    # (on TransformerLens' eager attention, the default: the SDPA path leaves the cache to HF's module)
     monkeypatch.setattr(_CacheKeywordAttention, "_update_kv_cache", lambda self, k, v, **kwargs: (k, v))
-    attend_through_sdpa(model.bridge, False)
-    try:
-        with pytest.raises(RuntimeError, match="disagrees with full forwards"):
-            check_generation(model, batch, max_new_tokens=4)
-    finally:
-        attend_through_sdpa(model.bridge, True)
+    with pytest.raises(RuntimeError, match="disagrees with full forwards"):
+        check_generation(model, batch, max_new_tokens=4)
 
 
 def test_neuron_statistics_over_generated_answers_equal_a_full_forward(model, batch):

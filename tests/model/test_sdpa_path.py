@@ -30,7 +30,9 @@ def arch(request) -> str:
 
 @pytest.fixture(scope="module")
 def model(tiny_folder, arch) -> HookedMLLM:
-    return HookedMLLM.from_pretrained(tiny_folder(arch))
+    loaded = HookedMLLM.from_pretrained(tiny_folder(arch))
+    attend_through_sdpa(loaded.bridge, True)  # on for the whole module, as inside fast_attention()
+    return loaded
 
 
 def eager_only_hooks(model: HookedMLLM) -> set[str]:
@@ -127,3 +129,27 @@ def test_a_disagreeing_sdpa_falls_back_to_the_eager_path_with_a_warning(model, a
     with pytest.warns(FastPathWarning, match="SDPA attention"), torch.no_grad():
         logits = model(batch)
     assert (logits - eager_logits).abs().max() <= ATOL * max(1.0, float(eager_logits.abs().max()))
+
+
+def test_a_loaded_model_is_eager_outside_fast_attention_and_statistics_run_inside(tiny_folder, monkeypatch):
+    from mm_lens.neurons.statistics import NeuronStatsCollector
+
+    model = HookedMLLM.from_pretrained(tiny_folder("llava"))
+    batch = model.prepare_inputs(["what is the color", "how many"], [random_image(30, 50, 3), random_image(40, 30, 3)])
+    counter = CountingSdpa()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counter)
+    with torch.no_grad():
+        plain = model(batch)
+        assert counter.calls == 0  # TL's eager attention: hooked and plain runs stay bit-identical
+        with model.fast_attention():
+            fast = model(batch)
+        assert counter.calls >= model.cfg.n_layers
+        assert (fast - plain).abs().max() <= ATOL * max(1.0, float(plain.abs().max()))
+        assert torch.equal(model(batch), plain)  # back to eager on exit
+    calls = counter.calls
+    NeuronStatsCollector(model, ["a"]).update(batch, ["a", "a"])
+    assert counter.calls > calls
+    model.use_sdpa = False
+    calls = counter.calls
+    NeuronStatsCollector(model, ["a"]).update(batch, ["a", "a"])
+    assert counter.calls == calls

@@ -16,12 +16,21 @@ from mm_lens.neurons.collection import collect_neuron_stats
 from mm_lens.neurons.statistics import NeuronStats
 
 
+def _eager(model: HookedMLLM) -> HookedMLLM:
+    """The model with TransformerLens' eager attention: the ranks see other batches (other
+    padding) than the single process, and SDPA's CPU kernel blocks its sums by sequence
+    length, so its last bits would differ; eager attention keeps max/min bit-identical, which
+    is what this test checks of the reduction across processes."""
+    model.use_sdpa = False
+    return model
+
+
 def _worker(rank: int, world: int, folder: str, out: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = HookedMLLM.from_pretrained(folder)
+        model = _eager(HookedMLLM.from_pretrained(folder))
         stats = collect_neuron_stats(model, make_samples(), batch_size=2, progress=False)
         stats.save(f"{out}.{rank}")
     finally:
@@ -39,7 +48,7 @@ def _free_port() -> int:
 def test_two_process_collection_equals_single_process(model_folders, tmp_path):
     out = str(tmp_path / "stats")
     mp.spawn(_worker, args=(2, model_folders["llava_next"], out, _free_port()), nprocs=2, join=True)
-    single = collect_neuron_stats(HookedMLLM.from_pretrained(model_folders["llava_next"]), make_samples(), batch_size=2, progress=False)
+    single = collect_neuron_stats(_eager(HookedMLLM.from_pretrained(model_folders["llava_next"])), make_samples(), batch_size=2, progress=False)
     for rank in range(2):
         parallel = NeuronStats.load(f"{out}.{rank}")
         assert parallel.metadata["settings"]["world_size"] == 2

@@ -55,7 +55,8 @@ def samples():
 
 def test_streaming_equals_full_cache_reduction(model, samples):
     stats = collect_neuron_stats(model, samples, batch_size=4, progress=False)
-    reference = reference_stats(model, samples, batch_size=4)
+    with model.fast_attention():  # the statistics' attention path, so that max and min agree to the bit
+        reference = reference_stats(model, samples, batch_size=4)
     assert stats.domains == DOMAINS and stats.classes == POSITION_CLASSES
     for (module, layer, domain, c), chunks in reference.items():
         values = torch.cat(chunks)
@@ -135,7 +136,8 @@ def test_reducing_a_cache_equals_reducing_inside_hooks(model, samples):
     streamed, cached = NeuronStatsCollector(model, DOMAINS), NeuronStatsCollector(model, DOMAINS)
     streamed.update(batch, labels)
     names = [n for hooks in model.neuron_hooks.values() for n in hooks]
-    _, cache = model.run_with_cache(batch, names_filter=names)
+    with model.fast_attention():  # update()'s attention path; an eager cache differs in the last bits
+        _, cache = model.run_with_cache(batch, names_filter=names)
     cached.add_cache(cache, batch, labels)
     assert cached.stats.equals(streamed.stats)
 

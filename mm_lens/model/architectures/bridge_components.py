@@ -13,8 +13,9 @@ And ``hook_embed`` holds what the language model receives, media features includ
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -263,10 +264,25 @@ def _filled(cache: Any) -> bool:
 _SDPA_CLASSES: dict[type, type] = {}
 
 
+@contextlib.contextmanager
+def sdpa_attention(bridge: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within: every attention bridge of ``bridge`` (installed by ``attend_through_sdpa``)
+    runs through SDPA when no hook needs its pattern (``enabled=False``: eager); on exit
+    each goes back to what it was."""
+    before = [(m, m.sdpa) for m in bridge.modules() if isinstance(m, _SdpaAttention)]
+    for module, _ in before:
+        module.sdpa = enabled
+    try:
+        yield
+    finally:
+        for module, state in before:
+            module.sdpa = state
+
+
 def attend_through_sdpa(bridge: torch.nn.Module, enabled: bool = True) -> int:
     """Let every attention bridge of ``bridge`` run through SDPA when no hook needs its
-    pattern (``enabled=False``: always the eager TransformerLens path). Returns how many
-    attention modules there are."""
+    pattern (``enabled=False``: the eager TransformerLens path until ``sdpa_attention``
+    turns it on). Returns how many attention modules there are."""
     count = 0
     for module in bridge.modules():
         cls = type(module)

@@ -143,7 +143,8 @@ def _cached_totals(
     module_of = {name: module for module, hooks in model.neuron_hooks.items() for name in hooks}
     for _, chunk in sample_chunks(samples, batch_size):
         batch = prompt_batch(model, chunk)
-        _, cache = model.run_with_cache(batch, names_filter=names)
+        with model.fast_attention():  # the statistics' attention path: counts agree to the bit
+            _, cache = model.run_with_cache(batch, names_filter=names)
         masks = {} if real_rows is None else real_rows(batch)
         for name in names:
             if name not in cache.keys():
