@@ -1,6 +1,8 @@
 """Cost of MINER's importance scores with the attention-weighted metrics (all five metrics,
 text and image modalities, causal attention) vs the bare HF forward with its default (SDPA)
-attention, on the same batch.
+attention, on the same batch: the 224 px shape (296 positions), then (not in quick mode) the
+LLaVA-NeXT shape (a 672 px square picture: 2,928 image tokens) with the peak memory of one
+scoring run against the bare forward's.
 
     python bench/miner_attention.py [--quick]
 """
@@ -11,7 +13,7 @@ import argparse
 
 import torch
 
-from common import batches, bench_line, build_model, samples, time_rivals
+from common import batches, bench_line, build_model, low_mmap_threshold, peak_extra_mb, samples, time_rivals
 from mm_lens.neurons.modality_neurons import MinerScoreCollector
 
 parser = argparse.ArgumentParser()
@@ -23,23 +25,31 @@ def fast_forward(model, batch):
         return model(batch)
 
 
-model, bare = build_model(args.quick, attention="sdpa")
-(batch,) = batches(model, samples(4), batch_size=4)
-collector = MinerScoreCollector(model, ("text", "image"))
-published = MinerScoreCollector(model, ("text", "image"), published_attention=True)
-with torch.no_grad():
-    times = time_rivals(
-        {
-            "bare HF forward (SDPA)": lambda: bare(**batch.inputs),
-            "bridge forward (SDPA path)": lambda: fast_forward(model, batch),
-            "MINER scores, causal attention": lambda: collector.update(batch, "bench"),
-            "MINER scores, published attention": lambda: published.update(batch, "bench"),
-        },
-        repeats=3 if args.quick else 5,
-    )
-base = times["bare HF forward (SDPA)"]
-print(f"batch {tuple(batch['input_ids'].shape)}, {model.cfg.n_layers} layers x {model.cfg.d_mlp} neurons")
-for name, seconds in times.items():
-    print(f"  {name:<36} {seconds * 1000:8.1f} ms   {seconds / base:5.2f}x bare")
-print(bench_line("miner_attention", times["MINER scores, causal attention"] / base, "<=", 1.5, vs="hf_sdpa"))
-print(bench_line("miner_attention_published", times["MINER scores, published attention"] / base, "<=", 1.5, vs="hf_sdpa"))
+low_mmap_threshold()
+# shape -> (batch size, picture size)
+SETUPS = {"quick": (4, (64, 96)), "full": (4, (64, 96)), "next": (1, (672, 672))}
+for shape in ["quick"] if args.quick else ["full", "next"]:
+    model, bare = build_model(args.quick, attention="sdpa", shape=shape)
+    size, picture = SETUPS[shape]
+    (batch,) = batches(model, samples(size, size=picture), batch_size=size)
+    collector = MinerScoreCollector(model, ("text", "image"))
+    published = MinerScoreCollector(model, ("text", "image"), published_attention=True)
+    with torch.no_grad():
+        times = time_rivals(
+            {
+                "bare HF forward (SDPA)": lambda: bare(**batch.inputs),
+                "bridge forward (SDPA path)": lambda: fast_forward(model, batch),
+                "MINER scores, causal attention": lambda: collector.update(batch, "bench"),
+                "MINER scores, published attention": lambda: published.update(batch, "bench"),
+            },
+            repeats=3 if args.quick or shape == "next" else 5,
+        )
+        memory = {"bare": peak_extra_mb(lambda: bare(**batch.inputs)), "miner": peak_extra_mb(lambda: collector.update(batch, "bench"))}
+    base = times["bare HF forward (SDPA)"]
+    print(f"[{shape}] batch {tuple(batch['input_ids'].shape)}, {model.cfg.n_layers} layers x {model.cfg.d_mlp} neurons")
+    for name, seconds in times.items():
+        print(f"  {name:<36} {seconds * 1000:8.1f} ms   {seconds / base:5.2f}x bare")
+    print(f"  peak memory above the weights: bare forward {memory['bare']:.0f} MB, MINER scores {memory['miner']:.0f} MB")
+    print(bench_line("miner_attention", times["MINER scores, causal attention"] / base, "<=", 1.5, vs="hf_sdpa", shape=shape))
+    print(bench_line("miner_attention_published", times["MINER scores, published attention"] / base, "<=", 1.5, vs="hf_sdpa", shape=shape))
+    print(bench_line("miner_peak_memory", memory["miner"] / max(memory["bare"], 1.0), "<=", 1.5, vs="hf_sdpa", shape=shape))
