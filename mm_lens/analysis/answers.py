@@ -60,20 +60,31 @@ def answers_of(samples: Samples) -> list[str]:
     return answers
 
 
+def _question_type(row: Sample) -> tuple[Any, Any]:
+    """The key answer sets are shared under: (domain, question type)."""
+    return row.get("domain"), row.get("question_type")
+
+
+def _shared_answers(rows: Sequence[Sample], answers: Sequence[str]) -> dict[Any, list[str]]:
+    """Per ``_question_type``, the distinct answers (first-seen order) of the rows without
+    their own ``choices``."""
+    shared: dict[Any, list[str]] = defaultdict(list)
+    for row, answer in zip(rows, answers):
+        if row.get("choices") is None and answer not in shared[_question_type(row)]:
+            shared[_question_type(row)].append(answer)
+    return shared
+
+
 def answer_sets(samples: Samples) -> list[list[str]]:
     """Each sample's closed answer set (its own answer first): its ``choices`` if it has
     them, else the distinct answers of the samples (without ``choices``) sharing its domain
     and question type."""
     answers = answers_of(samples)
     rows = [samples[i] for i in range(len(samples))]
-    keys = [(s.get("domain"), s.get("question_type")) for s in rows]
-    shared: dict[Any, list[str]] = defaultdict(list)
-    for row, key, answer in zip(rows, keys, answers):
-        if row.get("choices") is None and answer not in shared[key]:
-            shared[key].append(answer)
+    shared = _shared_answers(rows, answers)
     sets = []
-    for row, key, answer in zip(rows, keys, answers):
-        choices = list(row["choices"]) if row.get("choices") is not None else shared[key]
+    for row, answer in zip(rows, answers):
+        choices = list(row["choices"]) if row.get("choices") is not None else shared[_question_type(row)]
         if answer not in choices:
             raise ValueError(f"the answer {answer!r} is not among the sample's choices {choices}")
         sets.append([answer] + [c for c in choices if c != answer])
@@ -88,14 +99,10 @@ def with_choices(chosen: Samples, among: Samples, most: int = 32) -> list[Sample
     them; a question type with more than ``most`` distinct answers is open-ended (and each
     multi-token answer would cost a forward), so its samples are left as they are."""
     pool = [among[i] for i in range(len(among))]
-    shared: dict[Any, list[str]] = defaultdict(list)
-    for row, answer in zip(pool, answers_of(pool)):
-        key = (row.get("domain"), row.get("question_type"))
-        if row.get("choices") is None and answer not in shared[key]:
-            shared[key].append(answer)
+    shared = _shared_answers(pool, answers_of(pool))
     out = []
     for row in (chosen[i] for i in range(len(chosen))):
-        key = (row.get("domain"), row.get("question_type"))
+        key = _question_type(row)
         if row.get("choices") is not None or key not in shared or len(shared[key]) > most:
             out.append(dict(row))
             continue

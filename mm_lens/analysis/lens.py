@@ -328,9 +328,10 @@ class LensSummary:
         text = (f"Averaged over {len(domains)} domain(s), the lens' entropy at {self.hook} goes from {start:.2f} nats at layer "
                 f"{first} to {end:.2f} at layer {last}{ceiling}.")
         if len(domains) > 1:
-            ordered = sorted(domains, key=lambda d: float(mean[self.domains.index(d), -1]))
-            text += (f" At layer {last}, {ordered[0]} is the most certain ({float(mean[self.domains.index(ordered[0]), -1]):.2f} nats) "
-                     f"and {ordered[-1]} the least ({float(mean[self.domains.index(ordered[-1]), -1]):.2f}).")
+            at_last = {d: float(mean[self.domains.index(d), -1]) for d in domains}
+            ordered = sorted(at_last, key=at_last.get)
+            most, least = ordered[0], ordered[-1]
+            text += f" At layer {last}, {most} is the most certain ({at_last[most]:.2f} nats) and {least} the least ({at_last[least]:.2f})."
         tops = [f"{d} {token!r} ({share:.0%})" for d in domains for token, share in self.top_tokens(d, last, 1)]
         if tops:
             text += f" Most frequent top token at layer {last}: {', '.join(tops)}."

@@ -32,6 +32,7 @@ from mm_lens.base.fast_path import agreeing
 from mm_lens.base.hooks import block_hook, resolve_layers
 from mm_lens.base.io import load_tensors, save_tensors
 from mm_lens.base.modality import MODALITIES, ModalityMap, position_mask
+from mm_lens.model.architectures.bridge_components import CACHE_KEYWORDS
 from mm_lens.model.hooked import HookedMLLM, map_difference
 from mm_lens.model.inputs import MultimodalBatch
 
@@ -171,7 +172,7 @@ def _tile(inputs: dict[str, Tensor], copies: int) -> dict[str, Tensor]:
     return {k: torch.cat([v] * copies) for k, v in inputs.items()}
 
 
-_CACHE_KEYWORDS = frozenset({"past_key_values", "past_key_value", "cache", "layer_past", "use_cache", "cache_position"})
+_CACHE_KEYWORDS = frozenset({*CACHE_KEYWORDS, "use_cache", "cache_position"})  # the cache and its flags
 
 
 def block_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -144,7 +144,7 @@ def read_cache_keyword(bridge: torch.nn.Module) -> int:
 
 # --- attention through SDPA when no hook needs the pattern -------------------------------
 
-_CACHE_KEYWORDS = ("past_key_values", "past_key_value", "cache", "layer_past")
+CACHE_KEYWORDS = ("past_key_values", "past_key_value", "cache", "layer_past")  # the KV cache, by its names across versions
 _QKV_FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result", "gated_q_proj")
 SDPA_CHECKED: dict[type, bool] = {}  # the self-check's verdict per attention class; clear it to check again
 
@@ -202,7 +202,7 @@ class _SdpaAttention:
 
     def _sdpa_agrees(self, args: tuple, kwargs: dict) -> bool:
         """Both paths once, hooks muted and without the KV cache; ``True`` when they agree."""
-        kwargs = {k: (None if k in _CACHE_KEYWORDS else v) for k, v in kwargs.items()}
+        kwargs = {k: (None if k in CACHE_KEYWORDS else v) for k, v in kwargs.items()}
         points = [m for m in self.modules() if isinstance(m, HookPoint)]  # type: ignore[attr-defined]
         saved = [(m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks) for m in points]
         try:
@@ -223,7 +223,7 @@ class _SdpaAttention:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         cls = type(self)
         if cls not in SDPA_CHECKED:
-            if any(_filled(kwargs.get(k)) for k in _CACHE_KEYWORDS):
+            if any(_filled(kwargs.get(k)) for k in CACHE_KEYWORDS):
                 return super().forward(*args, **kwargs)  # type: ignore[misc]
             SDPA_CHECKED[cls] = self._sdpa_agrees(args, kwargs)
         if not SDPA_CHECKED[cls]:
