@@ -17,6 +17,11 @@ normalised over the layer's neurons:
     with the causal mask over the whole prompt, head-averaged) restricted to m's rows and
     columns. Rows of the restricted ``P`` sum to the share of each query's attention that
     stays inside m, so ``attn_k`` is not a plain token sum.
+    Only ``P``'s row and column sums within m enter: ``paid[q] = sum_{k in m} P[q, k]``
+    and ``received[k] = sum_{q in m} P[q, k]`` give ``attn_k = sum_q paid[q] A[q]`` and
+    ``attn_q = sum_k received[k] A[k]``. ``attention_sums`` computes them from the
+    post-rotary queries and keys, a block of queries at a time, without ever holding
+    ``P``; ``importance_scores`` takes either the restricted ``P`` or the two sums.
   * ``published_attention=True``: the public code's variant. ``S`` is what it stores as
     ``attn_score``: head-averaged ``softmax(QK^T/sqrt(d))`` over the prompt *without* the
     causal mask, restricted to m. A second softmax is applied: ``W = softmax_rows(S)``
@@ -50,7 +55,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-from einops import einsum, rearrange, reduce
+from einops import einsum, rearrange, reduce, repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -60,6 +65,7 @@ __all__ = [
     "MINER_STRATEGIES",
     "ScoreAccumulator",
     "aggregate_scores",
+    "attention_sums",
     "combine_datasets",
     "importance_scores",
     "min_max_normalize",
@@ -93,6 +99,8 @@ def importance_scores(
     attn: Tensor | None = None,
     *,
     published_attention: bool = False,
+    paid: Tensor | None = None,
+    received: Tensor | None = None,
 ) -> dict[str, Float[Tensor, "*layer neuron"]]:
     """MINER metrics of one sample and one modality, each min-max normalised per layer.
 
@@ -100,9 +108,13 @@ def importance_scores(
     or ``[layer, token, neuron]`` for several. ``attn``: that layer's head-averaged
     attention among the same tokens, ``[query, key]`` (or ``[layer, query, key]``): the
     causal pattern ``P`` by default, the public code's unmasked ``S`` with
-    ``published_attention=True`` (see the module docstring). Returns ``prob``, ``mean``,
-    ``max`` and, when ``attn`` is given, ``attn_k`` and ``attn_q``, each ``[*layer, neuron]``
-    in at least float32. Shapes are checked here (``ValueError`` saying what is wrong).
+    ``published_attention=True`` (see the module docstring). Instead of the causal ``P``,
+    its sums within the modality may be given: ``paid`` (``P.sum(-1)``, the attention each
+    token pays to the modality's tokens) and ``received`` (``P.sum(-2)``, the attention it
+    receives from them), each ``[token]`` (or ``[layer, token]``), e.g. from
+    ``attention_sums``. Returns ``prob``, ``mean``, ``max`` and, when ``attn`` or the sums
+    are given, ``attn_k`` and ``attn_q``, each ``[*layer, neuron]`` in at least float32.
+    Shapes are checked here (``ValueError`` saying what is wrong).
     """
     if act.ndim not in (2, 3):
         raise ValueError(
@@ -118,6 +130,17 @@ def importance_scores(
         raise ValueError(f"act has shape {tuple(act.shape)}; need at least one neuron")
     if published_attention and attn is None:
         raise ValueError("published_attention=True needs attn (the unmasked scores S)")
+    if (paid is None) != (received is None) or (paid is not None and (attn is not None or published_attention)):
+        raise ValueError(
+            "pass either attn (the attention among the modality's tokens) or both paid and received "
+            "(its row and column sums, causal pattern only), not a mix"
+        )
+    for name, sums in (("paid", paid), ("received", received)):
+        if sums is not None and sums.shape != act.shape[:-1]:
+            raise ValueError(
+                f"{name} has shape {tuple(sums.shape)} but act has shape {tuple(act.shape)}; "
+                f"pass one sum per token, {list(act.shape[:-1])}"
+            )
     if attn is not None:
         n_tok = act.shape[-2]
         if attn.shape != (*act.shape[:-2], n_tok, n_tok):
@@ -126,13 +149,15 @@ def importance_scores(
                 f"pass the attention among the same tokens, "
                 f"{list((*act.shape[:-2], n_tok, n_tok))}"
             )
-    return _importance_scores(act, attn, published_attention)
+    return _importance_scores(act, attn, published_attention, paid, received)
 
 
 def _importance_scores(
     act: Float[Tensor, "*layer token neuron"],
     attn: Float[Tensor, "*layer token token"] | None,
     published_attention: bool,
+    paid: Float[Tensor, "*layer token"] | None = None,
+    received: Float[Tensor, "*layer token"] | None = None,
 ) -> dict[str, Float[Tensor, "*layer neuron"]]:
     """``importance_scores`` of inputs whose shapes it checked."""
     dtype = torch.promote_types(act.dtype, torch.float32)
@@ -149,7 +174,70 @@ def _importance_scores(
         w_k = w.softmax(dim=-2) if published_attention else w  # normalised over queries
         scores["attn_k"] = einsum(w_k, a, "... query key, ... query neuron -> ... neuron")
         scores["attn_q"] = einsum(w_q, a, "... query key, ... key neuron -> ... neuron")
+    elif paid is not None and received is not None:
+        scores["attn_k"] = einsum(paid.to(dtype), a, "... query, ... query neuron -> ... neuron")
+        scores["attn_q"] = einsum(received.to(dtype), a, "... key, ... key neuron -> ... neuron")
     return {name: min_max_normalize(value) for name, value in scores.items()}
+
+
+def attention_sums(
+    q: Float[Tensor, "head query d"],
+    k: Float[Tensor, "kv_head key d"],
+    groups: Bool[Tensor, "group pos"],
+    *,
+    scale: float,
+    mask: Float[Tensor, "query key"] | Bool[Tensor, "query key"] | None = None,
+    causal: bool = False,
+    block: int = 128,
+) -> tuple[Float[Tensor, "group pos"], Float[Tensor, "group pos"]]:
+    """Row and column sums, within each group of positions, of the head-averaged attention
+    pattern ``P = mean_head softmax(q k^T * scale + mask)``, without materialising ``P``.
+
+    The pattern is SDPA's (``torch.nn.functional.scaled_dot_product_attention``) on the
+    same inputs: ``q`` and ``k`` post-rotary, one row of the batch; query head ``h`` reads
+    key head ``h // (head / kv_head)`` (grouped-query attention); ``mask`` boolean (True:
+    may attend) or additive, what the model passes to SDPA (sliding windows, padding,
+    bidirectional spans); ``causal`` (only without ``mask``): key <= query. Returns
+    ``paid[g, q] = sum_{k in g} P[q, k]`` for every query in some group (0 for the others)
+    and ``received[g, k] = sum_{q in g} P[q, k]`` for every key, float32.
+
+    Queries go ``block`` at a time (scores of the block against all keys, softmax over
+    them, head mean, summed into the ``[group, pos]`` outputs), so memory is ``O(head x
+    block x key)``, never ``O(head x query x key)``. Keys that no query of the block may
+    attend to (outside the causal triangle, or masked: boolean False, additive <= half the
+    dtype's lowest value, where the softmax weight underflows to 0 exactly) are skipped.
+    """
+    heads, kv_heads = q.shape[0], k.shape[0]
+    n_key = k.shape[1]
+    queries = q.float() * scale  # scaled once here, not per block of scores
+    keys = repeat(k.float(), "kv key d -> (kv group) key d", group=heads // kv_heads)
+    members = groups.to(device=q.device, dtype=torch.float32)
+    allowed = None if mask is None else (mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2)
+    paid = torch.zeros(groups.shape, dtype=torch.float32, device=q.device)
+    received = torch.zeros(groups.shape, dtype=torch.float32, device=q.device)
+    rows = groups.any(0).to(q.device).nonzero()[:, 0]
+    for start in range(0, len(rows), block):
+        index = rows[start : start + block]
+        if allowed is not None:
+            reached = allowed[index].any(0).nonzero()[:, 0]
+            first, last = (int(reached[0]), int(reached[-1]) + 1) if len(reached) else (0, 1)
+        else:
+            first, last = 0, (int(index[-1]) + 1 if causal else n_key)
+        scores = einsum(queries[:, index], keys[:, first:last], "head query d, head key d -> head query key")
+        if mask is not None:
+            window = mask[index, first:last]
+            if window.dtype == torch.bool:
+                scores.masked_fill_(~window, -torch.inf)
+            else:
+                scores.add_(window.float())
+        elif causal:  # only keys from the block's first query on can be in any query's future
+            diagonal = int(index[0])
+            later = torch.arange(diagonal, last, device=q.device) > index[:, None]
+            scores[:, :, diagonal - first :].masked_fill_(later, -torch.inf)
+        pattern = reduce(scores.softmax(-1), "head query key -> query key", "mean")
+        paid[:, index] = einsum(pattern, members[:, first:last], "query key, group key -> group query")
+        received[:, first:last] += einsum(pattern, members[:, index], "query key, group query -> group key")
+    return paid, received
 
 
 # --- stage 3: aggregation over samples and datasets ------------------------------------

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from helpers import make_samples
 from mm_lens import HookedMLLM
+from mm_lens.base import fast_path
+from mm_lens.neurons import modality_neurons
 from mm_lens.neurons.modality_neurons import (
     MinerScoreCollector,
     MinerScores,
@@ -14,7 +18,7 @@ from mm_lens.neurons.modality_neurons import (
     modality_masks,
     select_modality_neurons,
 )
-from mm_lens.neurons.miner import MINER_METRICS, importance_scores
+from mm_lens.neurons.miner import MINER_METRICS, attention_sums, importance_scores
 from mm_lens.model.tiny.llava import build_tiny_llava
 
 
@@ -33,13 +37,19 @@ def test_masks_follow_the_modality_map(model):
         modality_masks(mm, ("pixels",))
 
 
-def _direct_scores(model, samples, published):
-    """Scores computed sample by sample from a full cache (one row per forward)."""
+def _direct_scores(model, samples, published, sdpa_activations=False):
+    """Scores computed sample by sample from a full cache (one row per forward); with
+    ``sdpa_activations`` the activations come from a forward through SDPA (the fast
+    route's), whose last bits differ from the eager forward's."""
     totals = {m: {k: torch.zeros(model.cfg.n_layers, model.cfg.d_mlp, dtype=torch.float64) for k in MINER_METRICS} for m in ("text", "image")}
     counts = {"text": 0, "image": 0}
     for sample in samples:
         batch = _one_batch(model, [sample])
         _, cache = model.run_with_cache(batch, names_filter=lambda n: n.endswith(("hook_act", "hook_pattern", "hook_rot_q", "hook_rot_k")))
+        activations = cache
+        if sdpa_activations:
+            with model.fast_attention():
+                _, activations = model.run_with_cache(batch, names_filter=lambda n: n.endswith("hook_act"))
         masks = modality_masks(batch.modality_map, ("text", "image"))
         for m, mask in masks.items():
             where = mask[0]
@@ -54,23 +64,136 @@ def _direct_scores(model, samples, published):
                     attention = torch.stack(per_head).mean(0)
                 else:
                     attention = cache[f"blocks.{layer}.attn.hook_pattern"][0].mean(0)
-                scores = importance_scores(cache[f"blocks.{layer}.mlp.hook_act"][0][where], attention[where][:, where], published_attention=published)
+                scores = importance_scores(activations[f"blocks.{layer}.mlp.hook_act"][0][where], attention[where][:, where], published_attention=published)
                 for metric, value in scores.items():
                     totals[m][metric][layer] += value.double()
     return {m: {k: v / counts[m] for k, v in per.items()} for m, per in totals.items()}
 
 
-@pytest.mark.parametrize("published", [False, True])
-def test_batched_streaming_scores_equal_sample_by_sample(model, published):
+@pytest.mark.parametrize("route", ["fast", "pattern", "published"])
+def test_batched_streaming_scores_equal_sample_by_sample(model, route):
     samples = make_samples(6)
-    collector = MinerScoreCollector(model, ("text", "image"), published_attention=published)
+    published = route == "published"
+    collector = MinerScoreCollector(model, ("text", "image"), published_attention=published, route="pattern" if published else route)
     for start in (0, 3):
         collector.update(_one_batch(model, samples[start : start + 3]), "toy")
     mean = collector.accumulators["toy"].mean()
-    expected = _direct_scores(model, samples, published)
+    expected = _direct_scores(model, samples, published, sdpa_activations=route == "fast")
     for i, m in enumerate(("text", "image")):
         for j, metric in enumerate(MINER_METRICS):
             assert torch.allclose(mean[j, i], expected[m][metric], atol=1e-5), (m, metric)
+
+
+# --- the fast route: attention sums from the SDPA inputs ------------------------------
+
+
+def _materialised_sums(q, k, groups, scale, additive):
+    """Reference for ``attention_sums``: the full head-averaged pattern, then its sums."""
+    keys = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+    pattern = torch.softmax(q @ keys.transpose(1, 2) * scale + additive, dim=-1).mean(0)
+    scored = groups.any(0)
+    paid = torch.stack([torch.where(scored, pattern[:, g].sum(-1), 0.0) for g in groups])
+    received = torch.stack([pattern[g & scored].sum(0) for g in groups])
+    return paid, received
+
+
+@pytest.mark.parametrize("masking", ["causal", "padding_bool", "padding_additive", "sliding_window", "bidirectional_span"])
+@pytest.mark.parametrize("block", [1, 5, 256])
+def test_attention_sums_equal_the_materialised_pattern(masking, block):
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, n, d = 6, 2, 23, 8  # grouped-query attention: 3 query heads per key head
+    q, k = torch.randn(heads, n, d, generator=g), torch.randn(kv_heads, n, d, generator=g)
+    groups = torch.zeros(2, n, dtype=torch.bool)
+    groups[0, 3:6], groups[1, 6:17], groups[0, 17:] = True, True, True  # text, image, text; 0-2 padding
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    if masking != "causal":
+        allowed[:, :3] = False
+    if masking == "sliding_window":
+        allowed &= ~torch.ones(n, n, dtype=torch.bool).tril(-5)
+    if masking == "bidirectional_span":
+        allowed[6:17, 6:17] = True
+    additive = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    mask = {"causal": None, "padding_bool": allowed}.get(masking, additive)
+    got = attention_sums(q, k, groups, scale=0.3, mask=mask, causal=masking == "causal", block=block)
+    for value, expected in zip(got, _materialised_sums(q, k, groups, 0.3, additive)):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+
+
+def _all_routes_agree(fast, pattern):
+    """The fast and pattern routes' scores: equal up to float32 rounding, except ``prob``
+    where an activation within rounding of 0 (SDPA vs eager forward) may flip one token."""
+    for j, metric in enumerate(MINER_METRICS):
+        if metric == "prob":
+            assert ((fast[j] - pattern[j]).abs() > 1e-5).double().mean() < 0.01
+        else:
+            torch.testing.assert_close(fast[j], pattern[j], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next", "gemma3", "qwen2_vl"])
+def any_model(request, models, tiny_folder):
+    """The analysis models, Gemma 3 (a sliding-window layer, bidirectional image spans,
+    its own attention scale) and Qwen2-VL (M-RoPE inside HF's attention)."""
+    return models[request.param] if request.param in models else HookedMLLM.from_pretrained(tiny_folder(request.param))
+
+
+def test_fast_and_pattern_routes_give_the_same_scores_on_a_padded_batch(any_model, monkeypatch):
+    batch = _one_batch(any_model, make_samples(3))
+    assert batch.modality_map.mask("padding").any(), "the batch should hold a padded row"
+    monkeypatch.setattr(fast_path, "_warned", set())
+    collectors = {route: MinerScoreCollector(any_model, route=route) for route in ("fast", "pattern")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fast_path.FastPathWarning)  # the self-check passes
+        for collector in collectors.values():
+            collector.update(batch, "toy")
+            collector.update(batch, "toy")  # the second batch: the fast route alone
+    assert collectors["fast"].route == "fast" and collectors["fast"].checked
+    _all_routes_agree(collectors["fast"].accumulators["toy"].mean(), collectors["pattern"].accumulators["toy"].mean())
+
+
+def test_blocks_smaller_than_the_prompt_give_the_same_scores(model):
+    batch = _one_batch(model, make_samples(3))
+    assert batch["input_ids"].shape[1] > 4 * 3  # several blocks per row
+    scores = {}
+    for block_size in (3, 256):
+        collector = MinerScoreCollector(model, block_size=block_size)
+        collector.update(batch, "toy")
+        scores[block_size] = collector.accumulators["toy"].mean()
+    torch.testing.assert_close(scores[3], scores[256], rtol=1e-5, atol=1e-6)
+
+
+def test_a_wrong_scale_in_the_fast_route_is_caught_by_the_self_check(model, monkeypatch):
+    right = modality_neurons.attention_sums
+
+    def wrong_scale(*args, scale, **kwargs):
+        return right(*args, scale=2 * scale, **kwargs)
+
+    monkeypatch.setattr(modality_neurons, "attention_sums", wrong_scale)
+    monkeypatch.setattr(fast_path, "_warned", set())
+    batch = _one_batch(model, make_samples(3))
+    collector, plain = MinerScoreCollector(model), MinerScoreCollector(model, route="pattern")
+    with pytest.warns(fast_path.FastPathWarning, match=r"MINER attention sums .*blocks\.0\.attn \(layer 0\), text row sums \(paid\): max \|fast - plain\|"):
+        collector.update(batch, "toy")
+    assert collector.route == "pattern"
+    plain.update(batch, "toy")
+    assert torch.equal(collector.accumulators["toy"].mean(), plain.accumulators["toy"].mean())  # the plain scores were kept
+
+
+def test_attention_outside_sdpa_falls_back_to_the_pattern_route_with_a_warning(model, monkeypatch):
+    batch = _one_batch(model, make_samples(2))
+    plain = MinerScoreCollector(model, route="pattern")
+    plain.update(batch, "toy")
+    collector = MinerScoreCollector(model)
+    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_attn_scores", lambda scores, hook: None)]):  # layer 1 eager
+        with pytest.warns(fast_path.FastPathWarning, match=r"blocks\.1\.attn's attention did not run through a prefill SDPA call"):
+            collector.update(batch, "toy")
+    assert collector.route == "pattern"
+    assert torch.equal(collector.accumulators["toy"].mean(), plain.accumulators["toy"].mean())
+    monkeypatch.setattr(model, "use_sdpa", False)
+    eager = MinerScoreCollector(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fast_path.FastPathWarning)
+        eager.update(batch, "toy")  # a model kept eager scores on the pattern route, silently
+    assert eager.route == "pattern"
 
 
 def test_scores_average_over_datasets_where_the_modality_occurs(model):
