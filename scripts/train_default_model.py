@@ -90,6 +90,7 @@ IMAGE_SIZE, PATCH = 32, 8
 LAYER_DROP = 0.05  # (a): least accuracy drop when one whole LM MLP layer is zeroed
 MIN_DOMAINS = 3  # (b): domains whose own neurons must beat the random control
 BATCH = 64  # evaluation batch size
+DOMAINS = (*QUESTIONS, TEXT_DOMAIN)  # training rows' domain index (for the sharing penalty)
 
 
 def build_untrained(seed: int, layers: int, mlp: int, width: int):
@@ -148,6 +149,7 @@ def encode_training_set(processor: LlavaProcessor, samples: list[dict]) -> dict[
         "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids]),
         "others": torch.tensor([o + [-1] * (most - len(o)) for o in others]),
         "has_image": torch.tensor([s["image"] is not None for s in samples]),
+        "domain": torch.tensor([DOMAINS.index(s["domain"]) for s in samples]),
         "pixel_values": pixel,
     }
 
@@ -159,7 +161,7 @@ def batches(data: dict[str, torch.Tensor], batch_size: int, generator: torch.Gen
     while True:
         for rows in torch.randperm(n, generator=generator).split(batch_size):
             with_image = rows[data["has_image"][rows]]
-            batch = {k: data[k][rows] for k in ("input_ids", "labels", "attention_mask", "others")}
+            batch = {k: data[k][rows] for k in ("input_ids", "labels", "attention_mask", "others", "domain")}
             width = int(batch["attention_mask"].sum(1).max())
             batch.update({k: batch[k][:, :width] for k in ("input_ids", "labels", "attention_mask")})
             if len(with_image):
@@ -178,11 +180,22 @@ class GateSparsity:
         layers = model.model.language_model.layers
         self.handles = [layer.mlp.gate_proj.register_forward_hook(lambda module, args, out: self.outputs.append(out)) for layer in layers]
 
-    def penalty(self, attention_mask: torch.Tensor) -> torch.Tensor:
+    def penalties(self, attention_mask: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sparsity, sharing) of the last forward. Sharing: the share of the layer's
+        activity (mean positive gate per neuron and domain, summed) that lies outside each
+        neuron's main domain, averaged over layers: 0 when every neuron fires in one domain
+        only, whatever the overall level of activity (so it does not push the MLP to silence)."""
         keep = attention_mask.bool()
-        value = torch.stack([out.relu()[keep].mean() for out in self.outputs]).mean()
+        present = domain.unique()
+        sparsity, sharing = [], []
+        for out in self.outputs:
+            fired = out.relu()
+            sparsity.append(fired[keep].mean())
+            per_domain = torch.stack([fired[(domain == d)[:, None] & keep].mean(0) for d in present])  # [domain, neuron]
+            total = per_domain.sum(0)
+            sharing.append((total - per_domain.max(0).values).sum() / total.sum().clamp(min=1e-6))
         self.outputs.clear()
-        return value
+        return torch.stack(sparsity).mean(), torch.stack(sharing).mean()
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -194,7 +207,7 @@ def smoothed_loss(model, batch: dict[str, torch.Tensor], eps: float) -> torch.Te
     labelled position) the target puts 1 - eps on the answer and eps, evenly, on the other
     plausible answers of the question."""
     others = batch["others"]
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "others")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "others", "domain")}
     log_probs = model(**inputs).logits[:, :-1].float().log_softmax(-1)
     targets = batch["labels"][:, 1:]
     labelled = targets != -100
@@ -386,6 +399,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--eps", type=float, default=0.1, help="label smoothing among the plausible answers")
     parser.add_argument("--sparsity", type=float, default=0.1, help="weight of the LM MLP gate sparsity penalty")
+    parser.add_argument("--sharing", type=float, default=0.0, help="weight of the penalty on LM MLP neurons firing in several domains")
+    parser.add_argument("--freeze-vision", action="store_true", help="keep the vision tower at its random initialisation")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--mlp", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)
@@ -415,7 +430,9 @@ def main() -> None:
     model, processor = build_untrained(args.seed, args.layers, args.mlp, args.width)
     data = encode_training_set(processor, train)
     print(f"{len(train)} training samples encoded in {time.time() - start:.0f}s", flush=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    if args.freeze_vision:  # the tower keeps its random features: the LM has to compute the answers from them
+        model.model.vision_tower.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
@@ -423,21 +440,23 @@ def main() -> None:
     stream = batches(data, args.batch_size, torch.Generator().manual_seed(args.seed))
     model.train()
     gates = GateSparsity(model)
-    losses, penalties, start = [], [], time.time()
+    losses, penalties, shared, start = [], [], [], time.time()
     for step in range(args.steps):
         batch = next(stream)
         loss = smoothed_loss(model, batch, args.eps)
-        penalty = gates.penalty(batch["attention_mask"])
-        (loss + args.sparsity * penalty).backward()
+        penalty, sharing = gates.penalties(batch["attention_mask"], batch["domain"])
+        (loss + args.sparsity * penalty + args.sharing * sharing).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         penalties.append(float(penalty.detach()))
+        shared.append(float(sharing.detach()))
         if step % 250 == 0 or step == args.steps - 1:
             recent = sum(losses[-250:]) / len(losses[-250:])
-            print(f"step {step:5d}  loss {recent:.4f}  gate {sum(penalties[-250:]) / len(penalties[-250:]):.4f}  {time.time() - start:6.0f}s", flush=True)
+            print(f"step {step:5d}  loss {recent:.4f}  gate {sum(penalties[-250:]) / len(penalties[-250:]):.4f}  "
+                  f"shared {sum(shared[-250:]) / len(shared[-250:]):.4f}  {time.time() - start:6.0f}s", flush=True)
     gates.remove()
     train_seconds = time.time() - start
     model.eval()
@@ -456,6 +475,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "loss_every_250_steps": [round(sum(losses[i : i + 250]) / len(losses[i : i + 250]), 4) for i in range(0, len(losses), 250)],
         "gate_penalty_every_250_steps": [round(sum(penalties[i : i + 250]) / len(penalties[i : i + 250]), 4) for i in range(0, len(penalties), 250)],
+        "sharing_penalty_every_250_steps": [round(sum(shared[i : i + 250]) / len(shared[i : i + 250]), 4) for i in range(0, len(shared), 250)],
     }
     print(f"trained {report['parameters']:,} parameters in {train_seconds:.0f}s; checking on {len(held_out)} held-out samples", flush=True)
     report |= evaluate(model_folder, held_out, seeds)
