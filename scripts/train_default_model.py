@@ -401,6 +401,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.1, help="weight of the LM MLP gate sparsity penalty")
     parser.add_argument("--sharing", type=float, default=0.0, help="weight of the penalty on LM MLP neurons firing in several domains")
     parser.add_argument("--freeze-vision", action="store_true", help="keep the vision tower at its random initialisation")
+    parser.add_argument("--freeze-projector", action="store_true", help="keep the projector at its random initialisation")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--mlp", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)
@@ -432,6 +433,8 @@ def main() -> None:
     print(f"{len(train)} training samples encoded in {time.time() - start:.0f}s", flush=True)
     if args.freeze_vision:  # the tower keeps its random features: the LM has to compute the answers from them
         model.model.vision_tower.requires_grad_(False)
+    if args.freeze_projector:  # and the projector its random map
+        model.model.multi_modal_projector.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
