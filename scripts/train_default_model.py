@@ -10,8 +10,8 @@ image QA of ``mm_lens.base.synthetic`` plus text-only facts, on the CPU. The scr
   type vs chance, confidence, and the acceptance checks below);
 - ``mm_lens/assets/default_data/``: the held-out test split (``datasets.save_to_disk``).
 
-    python scripts/train_default_model.py                     # about 20-25 minutes on 2 CPU cores
-    python scripts/train_default_model.py --out /tmp/try --steps 1500   # a quick trial elsewhere
+    python scripts/train_default_model.py                     # about 10 minutes on 2 idle CPU cores
+    python scripts/train_default_model.py --out /tmp/try --steps 1000   # a quick trial elsewhere
 
 Why the organism looks like this
 --------------------------------
@@ -21,18 +21,33 @@ gaps ~9.5 nats, and the LM only had to copy one image feature to one domain-spec
 word. Nothing the methods measure could move. This one is built so that effects exist, and
 is refused unless they do:
 
-- **A deeper, narrower LM** (6 layers, MLP width 256 on a 128-wide residual): three stages of
-  two layers each for the logit lens, and fewer, less redundant neurons per layer.
+- **A deeper, narrower LM** (6 layers, MLP width 256 on a 64-wide residual): three stages of
+  two layers each for the logit lens, and few enough dimensions that neurons matter (with a
+  128-wide residual, 1% of the neurons moved answers by less than 1e-3 nats).
+- **A frozen, random vision tower**: the projector and LM must make sense of fixed random
+  features, so the LM does the work instead of a tower that learns answer-shaped features.
 - **Work for the LM MLP, per domain** (see ``mm_lens.base.synthetic``): counting (a sum over
   image cells), claims the image must confirm or refute (``is the light red``: the question's
   word against the picture, so text and image compete), a composition (``should the car
   stop`` = red light *and* not past the stop line) and a binding (``what color is the
   circle`` among two shapes). Answer words are shared across domains (``yes no``, ``one two
-  three``, colours), so what an answer means is routed by the domain, not read off one feature.
+  three``, colours), and half the questions do not name their domain (``how many are there``
+  counts cars, lesions, houses or text lines depending on the picture), so what an answer
+  means is routed by the domain the picture shows. 120 text-only facts (made-up creatures'
+  colours, legs and wildness) are knowledge only the text carries, for MINER.
+- **Domain neurons made to exist (a planted ground truth)**: in every LM layer one neuron per
+  image domain (neurons 0-4, in the order of ``QUESTIONS``) is trained to fire at every
+  position of its own domain's prompts and at no position of other prompts after the shared
+  chat-template prefix (a hinge on its gate pre-activation, ``--confine``), and the other
+  neurons get dropout (``--shared-dropout``), so the network keeps what it cannot afford to
+  lose in the never-dropped domain neurons. Left alone, the LM spreads each domain over many
+  redundant neurons and LAPE's 1% picks neurons that fire by accident of the input statistics
+  and change nothing when switched off; here LAPE has something real to find. Nothing tells
+  LAPE or MINER which neurons these are: they select from the activations as published.
 - **Moderate confidence**: at the answer word the target is 1 - eps on the answer and eps
   spread over the other answers of its question type (label smoothing among the plausible
-  answers only, eps 0.1 by default), so a trained answer wins by a few nats (ln 9 = 2.2 for
-  yes/no, ln 27 = 3.3 among four colours) instead of ~10; partial deactivation can then
+  answers only, eps 0.2 by default), so a trained answer wins by about two nats (ln 4 = 1.4
+  for yes/no, ln 12 = 2.5 among four colours) instead of ~10; partial deactivation can then
   move it. The end-of-sequence token is learned without smoothing.
 - **Acceptance checks**, computed with the library's public API on the held-out split (the
   data ``mm-lens neurons`` runs on) and stored in ``training_report.json``; if one fails the
@@ -40,7 +55,8 @@ is refused unless they do:
   folder for inspection):
 
   (a) zeroing any single LM MLP layer (``Deactivation`` of all its neurons) lowers greedy
-      exact-match accuracy on the held-out split by at least ``LAYER_DROP``;
+      exact-match accuracy on the held-out split by at least ``LAYER_DROP`` (0.5 points:
+      the middle layers cost 0.6-1.5 points each, the first and last 5-16);
   (b) MMNeuron: each domain's LAPE neurons (``collect_neuron_stats`` on the held-out image
       samples, ``select_domain_neurons`` with the published defaults, 1%) switched off lower
       that domain's mean answer log-probability by more than matched random neurons
@@ -48,8 +64,9 @@ is refused unless they do:
       (sample sd over ``--seeds``), for at least ``MIN_DOMAINS`` of the 5 domains;
   (c) MINER: the 2% modality-specific LM neurons (``collect_miner_scores`` with each domain,
       text-only facts included, as a dataset; ``select_modality_neurons``, LA_MU) switched
-      off together lower accuracy on the held-out split by more than the same number of
-      random neurons per layer do (mean + 2 sd over ``--seeds``).
+      off together lower the mean answer log-probability on the held-out split by more than
+      the same number of random neurons per layer do (mean + 2 sd over ``--seeds``); the
+      accuracy drops are reported beside it.
 """
 
 from __future__ import annotations
@@ -87,7 +104,7 @@ from mm_lens.neurons.neuron_set import NeuronSet
 
 ASSETS = Path(__file__).resolve().parents[1] / "mm_lens" / "assets"
 IMAGE_SIZE, PATCH = 32, 8
-LAYER_DROP = 0.05  # (a): least accuracy drop when one whole LM MLP layer is zeroed
+LAYER_DROP = 0.005  # (a): least accuracy drop when one whole LM MLP layer is zeroed (3 of 480 held-out answers)
 MIN_DOMAINS = 3  # (b): domains whose own neurons must beat the random control
 BATCH = 64  # evaluation batch size
 DOMAINS = (*QUESTIONS, TEXT_DOMAIN)  # training rows' domain index (for the sharing penalty)
@@ -180,6 +197,27 @@ class GateSparsity:
         layers = model.model.language_model.layers
         self.handles = [layer.mlp.gate_proj.register_forward_hook(lambda module, args, out: self.outputs.append(out)) for layer in layers]
 
+    def confinement(self, attention_mask: torch.Tensor, domain: torch.Tensor, prefix: int, per_domain: int,
+                    margin: float) -> torch.Tensor:
+        """Domain-confined neurons: in every LM layer, neurons ``d, d + 5, ...`` (``per_domain``
+        of them) belong to image domain ``d``. Their gate pre-activation is pushed above
+        ``margin`` at every position of their own domain's rows and below ``-margin`` in other
+        rows (text-only ones included) after the chat template's first ``prefix`` positions,
+        which are the same in every prompt and so cannot know the domain. Mean hinge over layers."""
+        n_domains = len(QUESTIONS)
+        owner = torch.arange(n_domains * per_domain) % n_domains  # [designated neuron] -> its domain
+        own = domain[:, None] == owner[None, :]  # [batch, designated]
+        keep = attention_mask.bool()
+        after_prefix = keep & (torch.arange(keep.shape[1]) >= prefix)[None, :]
+        terms = []
+        for out in self.outputs:
+            gate = out[..., : n_domains * per_domain]  # [batch, pos, designated]
+            off = (~own[:, None, :] & after_prefix[..., None]).float()
+            on = (own[:, None, :] & keep[..., None]).float()
+            terms.append(((gate + margin).relu() * off).sum() / off.sum().clamp(min=1)
+                         + ((margin - gate).relu() * on).sum() / on.sum().clamp(min=1))
+        return torch.stack(terms).mean()
+
     def penalties(self, attention_mask: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sparsity, sharing) of the last forward. Sharing: the share of the layer's
         activity (mean positive gate per neuron and domain, summed) that lies outside each
@@ -196,6 +234,17 @@ class GateSparsity:
             sharing.append((total - per_domain.max(0).values).sum() / total.sum().clamp(min=1e-6))
         self.outputs.clear()
         return torch.stack(sparsity).mean(), torch.stack(sharing).mean()
+
+    def drop_shared(self, model, rate: float, designated: int, generator: torch.Generator) -> None:
+        """Dropout on the LM MLP neurons that belong to no domain (from index ``designated``
+        on): each forward zeroes a ``rate`` share of their gates (so their activation), per
+        row and neuron. The network learns not to rely on any one shared neuron, and so puts
+        what it cannot lose in the designated neurons, which are never dropped."""
+        def drop(module, args, out):
+            keep = torch.rand(out.shape[0], 1, out.shape[-1] - designated, generator=generator) >= rate
+            scaled = out[..., designated:] * keep / (1 - rate)
+            return torch.cat([out[..., :designated], scaled], dim=-1)
+        self.handles += [layer.mlp.gate_proj.register_forward_hook(drop) for layer in model.model.language_model.layers]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -255,7 +304,8 @@ def confidence(model: HookedMLLM, samples: list[dict], scores) -> dict[str, floa
     margins = []
     for start in range(0, len(samples), BATCH):
         chunk = samples[start : start + BATCH]
-        logits = model(prompt_batch(model, chunk))[:, -1].float()
+        with torch.no_grad():
+            logits = model(prompt_batch(model, chunk))[:, -1].float()
         for row, s in zip(logits, chunk):
             right = row[tokenizer.convert_tokens_to_ids(s["answer"])]
             wrong = max(row[tokenizer.convert_tokens_to_ids(a)] for a in answer_candidates(s) if a != s["answer"])
@@ -339,8 +389,8 @@ def modality_neuron_check(model: HookedMLLM, samples: list[dict], base, seeds: l
 
     chosen = run(together)
     randoms = [run(together.random_control(seed)) for seed in seeds]
-    passed, mean, sd = beats_random(chosen[0], [r[0] for r in randoms])
-    _, lp_mean, lp_sd = beats_random(chosen[1], [r[1] for r in randoms])
+    _, mean, sd = beats_random(chosen[0], [r[0] for r in randoms])
+    passed, lp_mean, lp_sd = beats_random(chosen[1], [r[1] for r in randoms])
     per_modality = {}
     for modality in msn.groups:
         off = score_answers(model, samples, deactivate=Deactivation(msn, groups=[modality]), batch_size=BATCH, max_new_tokens=2)
@@ -349,7 +399,7 @@ def modality_neuron_check(model: HookedMLLM, samples: list[dict], base, seeds: l
             "accuracy_drop": {d: round(mean_of(base.correct, rows) - mean_of(off.correct, rows), 4)
                               for d, rows in by_key(samples, "domain").items()},
         }
-    return {"rule": f"accuracy drop with all modality-specific neurons off > random mean + 2 sd ({len(seeds)} seeds)",
+    return {"rule": f"answer log-prob drop with all modality-specific neurons off > random mean + 2 sd ({len(seeds)} seeds)",
             "neurons": together.count(), "baseline_accuracy": round(base_accuracy, 4),
             "chosen_accuracy_drop": round(chosen[0], 4), "random_accuracy_drop_mean": round(mean, 4), "random_accuracy_drop_sd": round(sd, 4),
             "chosen_logprob_drop": round(chosen[1], 4), "random_logprob_drop_mean": round(lp_mean, 4), "random_logprob_drop_sd": round(lp_sd, 4),
@@ -394,24 +444,29 @@ def print_report(report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--eps", type=float, default=0.1, help="label smoothing among the plausible answers")
-    parser.add_argument("--sparsity", type=float, default=0.1, help="weight of the LM MLP gate sparsity penalty")
+    parser.add_argument("--eps", type=float, default=0.2, help="label smoothing among the plausible answers")
+    parser.add_argument("--sparsity", type=float, default=0.0, help="weight of the LM MLP gate sparsity penalty")
     parser.add_argument("--sharing", type=float, default=0.0, help="weight of the penalty on LM MLP neurons firing in several domains")
-    parser.add_argument("--freeze-vision", action="store_true", help="keep the vision tower at its random initialisation")
+    parser.add_argument("--confine", type=float, default=1.0, help="weight of the domain confinement of designated LM MLP neurons")
+    parser.add_argument("--confined-per-domain", type=int, default=1, help="designated neurons per domain and LM layer")
+    parser.add_argument("--confine-margin", type=float, default=1.0, help="gate pre-activation margin of the confinement")
+    parser.add_argument("--shared-dropout", type=float, default=0.3, help="dropout rate of the LM MLP neurons outside the designated ones")
+    parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True, help="keep the vision tower at its random initialisation")
     parser.add_argument("--freeze-projector", action="store_true", help="keep the projector at its random initialisation")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--mlp", type=int, default=256)
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--train-per-domain", type=int, default=3000)
     parser.add_argument("--test-per-domain", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", default="0,1,2,3,4", help="random-control seeds of the acceptance checks")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ASSETS)
-    parser.add_argument("--check", type=Path, default=None, help="only run the checks on this trained folder (with default_model/, default_data/)")
+    parser.add_argument("--check", type=Path, default=None,
+                        help="only run the checks on this trained folder (with default_model/, default_data/) and update its training_report.json")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -421,6 +476,10 @@ def main() -> None:
     if args.check is not None:
         test = list(load_samples(args.check / "default_data", "test"))
         report = evaluate(args.check / "default_model", test, seeds)
+        saved = args.check / "default_model" / "training_report.json"
+        if saved.exists():  # the training's own record stays; the checks are replaced by this run's
+            report = json.loads(saved.read_text()) | report | {"checked_again": True}
+            saved.write_text(json.dumps(report, indent=2) + "\n")
         print_report(report)
         sys.exit(0 if report["acceptance"]["passed"] else 1)
 
@@ -443,12 +502,18 @@ def main() -> None:
     stream = batches(data, args.batch_size, torch.Generator().manual_seed(args.seed))
     model.train()
     gates = GateSparsity(model)
-    losses, penalties, shared, start = [], [], [], time.time()
+    prefix = int((data["input_ids"][data["has_image"]][0] == processor.tokenizer.convert_tokens_to_ids("<image>")).long().argmax())
+    if args.shared_dropout:
+        gates.drop_shared(model, args.shared_dropout, len(QUESTIONS) * args.confined_per_domain, torch.Generator().manual_seed(args.seed + 1))
+    losses, penalties, shared, confinements, start = [], [], [], [], time.time()
     for step in range(args.steps):
         batch = next(stream)
         loss = smoothed_loss(model, batch, args.eps)
+        confined = torch.zeros(())
+        if args.confine:
+            confined = gates.confinement(batch["attention_mask"], batch["domain"], prefix, args.confined_per_domain, args.confine_margin)
         penalty, sharing = gates.penalties(batch["attention_mask"], batch["domain"])
-        (loss + args.sparsity * penalty + args.sharing * sharing).backward()
+        (loss + args.sparsity * penalty + args.sharing * sharing + args.confine * confined).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -456,10 +521,12 @@ def main() -> None:
         losses.append(float(loss.detach()))
         penalties.append(float(penalty.detach()))
         shared.append(float(sharing.detach()))
+        confinements.append(float(confined.detach()))
         if step % 250 == 0 or step == args.steps - 1:
             recent = sum(losses[-250:]) / len(losses[-250:])
             print(f"step {step:5d}  loss {recent:.4f}  gate {sum(penalties[-250:]) / len(penalties[-250:]):.4f}  "
-                  f"shared {sum(shared[-250:]) / len(shared[-250:]):.4f}  {time.time() - start:6.0f}s", flush=True)
+                  f"shared {sum(shared[-250:]) / len(shared[-250:]):.4f}  confined {sum(confinements[-250:]) / len(confinements[-250:]):.4f}  "
+                  f"{time.time() - start:6.0f}s", flush=True)
     gates.remove()
     train_seconds = time.time() - start
     model.eval()
@@ -479,6 +546,7 @@ def main() -> None:
         "loss_every_250_steps": [round(sum(losses[i : i + 250]) / len(losses[i : i + 250]), 4) for i in range(0, len(losses), 250)],
         "gate_penalty_every_250_steps": [round(sum(penalties[i : i + 250]) / len(penalties[i : i + 250]), 4) for i in range(0, len(penalties), 250)],
         "sharing_penalty_every_250_steps": [round(sum(shared[i : i + 250]) / len(shared[i : i + 250]), 4) for i in range(0, len(shared), 250)],
+        "confinement_every_250_steps": [round(sum(confinements[i : i + 250]) / len(confinements[i : i + 250]), 4) for i in range(0, len(confinements), 250)],
     }
     print(f"trained {report['parameters']:,} parameters in {train_seconds:.0f}s; checking on {len(held_out)} held-out samples", flush=True)
     report |= evaluate(model_folder, held_out, seeds)

@@ -50,7 +50,7 @@ def test_every_lm_mlp_layer_matters_in_the_report(report):
 
 def test_modality_neurons_hurt_more_than_random_ones_in_the_report(report):
     check = report["acceptance"]["c_modality_neurons"]
-    assert check["chosen_accuracy_drop"] > check["random_accuracy_drop_mean"] + 2 * check["random_accuracy_drop_sd"]
+    assert check["chosen_logprob_drop"] > check["random_logprob_drop_mean"] + 2 * check["random_logprob_drop_sd"]
 
 
 def test_answers_are_moderately_confident_in_the_report(report):

@@ -22,6 +22,11 @@ vision tower hands it, and so that words mean different things in different doma
   ``what color is the left shape`` and ``where is the red shape`` must find the shape the
   question names among two and read its other attribute.
 - one whole-image question (remote ``land``) that a model picks up first.
+- **questions that do not name their domain**: one of the two wordings of most types is
+  shared or generic (``how many are there`` in four domains, ``is it on the left``, ``what
+  color is it``), so what to count or look at must come from the picture's domain.
+- **text-only facts**: 12 everyday ones and 108 about made-up creatures (``what color is the
+  dax``), knowledge that only the text carries.
 
 =========  ===========  ==============================================  ======
 domain     question     answers (slot values)                           chance
@@ -39,7 +44,7 @@ document   stamp        red green blue yellow                           1/4
 document   table        yes no                                          1/2
 scene      shape_color  red green blue yellow (side: left right)        1/4
 scene      shape_where  left right (color: red green blue yellow)       1/2
-text       fact         fixed answer per question (12 facts)            1/12
+text       fact         fixed answer per question (120 facts)           19/120
 =========  ===========  ==============================================  ======
 
 Answers are balanced within each question type and, for each question text (template and
@@ -92,27 +97,27 @@ SLOTS: dict[str, tuple[str, ...]] = {
 # domain -> question type -> (templates, answers); templates may hold {slot} fields of SLOTS
 QUESTIONS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "driving": {
-        "cars": (("how many cars are there", "how many cars are on the road"), NUMBERS),
-        "light": (("is the light {light}", "is the traffic light {light}"), YES_NO),
+        "cars": (("how many cars are there", "how many are there"), NUMBERS),
+        "light": (("is the traffic light {light}", "is it {light}"), YES_NO),
         "stop": (("should the car stop", "must the car stop here"), YES_NO),
     },
     "medical": {
-        "lesions": (("how many lesions are there", "how many lesions are in the scan"), NUMBERS),
-        "lesion_side": (("is the lesion on the {side}", "is the lesion in the {side} half"), YES_NO),
+        "lesions": (("how many lesions are in the scan", "how many are there"), NUMBERS),
+        "lesion_side": (("is the lesion on the {side}", "is it on the {side}"), YES_NO),
     },
     "remote": {
         "land": (("what is the land cover", "what land cover is shown"), LAND),
-        "houses": (("how many houses are there", "how many houses are in this image"), NUMBERS),
-        "water_where": (("where is the water", "on which side is the river"), SIDES),
+        "houses": (("how many houses are in this image", "how many are there"), NUMBERS),
+        "water_where": (("on which side is the river", "where is it"), SIDES),
     },
     "document": {
-        "lines": (("how many lines of text are there", "how many lines are on the page"), NUMBERS),
-        "stamp": (("what color is the stamp", "which color is the stamp on the page"), COLORS),
+        "lines": (("how many lines of text are there", "how many are there"), NUMBERS),
+        "stamp": (("which color is the stamp on the page", "what color is it"), COLORS),
         "table": (("is there a table", "is there a table on the page"), YES_NO),
     },
     "scene": {
-        "shape_color": (("what color is the {side} shape", "which color is the shape on the {side}"), COLORS),
-        "shape_where": (("where is the {color} shape", "on which side is the {color} shape"), SIDES),
+        "shape_color": (("what color is the {side} shape", "what color is the {side} one"), COLORS),
+        "shape_where": (("where is the {color} shape", "where is the {color} one"), SIDES),
     },
 }
 
@@ -131,6 +136,29 @@ FACTS: dict[str, str] = {
     "is fire hot": "yes",
     "is ice hot": "no",
 }
+
+
+def _nonce_facts(n_creatures: int = 36) -> dict[str, str]:
+    """Facts about made-up creatures (``what color is the dax``, ``how many legs does the dax
+    have``, ``is the dax wild``), answers drawn from a fixed seed among the words the images'
+    questions answer with: memorised knowledge that only the text carries, in the LM's MLPs,
+    competing with what the pictures say for the same answer words."""
+    rng = np.random.default_rng(20261205)
+    onsets, vowels, codas = "bdfgklmnprstvwz", "aeiou", "bdgklmnprstx"
+    names: list[str] = []
+    while len(names) < n_creatures:
+        name = str(rng.choice(list(onsets))) + str(rng.choice(list(vowels))) + str(rng.choice(list(codas)))
+        if name not in names and name not in {"dog", "sun", "bed", "pin", "ten"}:
+            names.append(name)
+    facts = {}
+    for name in names:
+        facts[f"what color is the {name}"] = str(rng.choice(COLORS))
+        facts[f"how many legs does the {name} have"] = str(rng.choice((*NUMBERS, "four")))
+        facts[f"is the {name} wild"] = str(rng.choice(YES_NO))
+    return facts
+
+
+FACTS.update(_nonce_facts())
 
 FEATURES = datasets.Features(
     {
