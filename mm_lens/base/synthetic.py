@@ -2,25 +2,55 @@
 
 Five image domains mirror MMNeuron's (driving, medical, remote sensing, documents, common
 scenes), plus text-only questions (domain ``"text"``, image ``None``) for the modality analysis.
-Every image is drawn in numpy from a seeded generator with big, bold shapes and colours, so a
-small LLaVA trained from scratch (patch 8 on 32x32 images) can learn them. Each question type
-has a few templates and a closed set of one-word answers, balanced within the type; the answer
-is drawn first and the image rendered to match it, so it can only be read off the image.
+Every image is drawn in numpy from a seeded generator with big, bold objects in a few fixed
+slots per domain (geometry in unit coordinates, so any size works), so a small LLaVA trained
+from scratch (patch 8 on 32x32 images) can see them.
 
-=========  ============  ==========================================  ======
-domain     question      answers                                     chance
-=========  ============  ==========================================  ======
-driving    car_color     blue yellow white black                     1/4
-driving    light         red green                                   1/2
-medical    lesion_where  left right top bottom                       1/4
-medical    lesion_any    yes no                                      1/2
-remote     land_cover    field water city desert                     1/4
-document   line_count    one two three four                          1/4
-document   table         yes no                                      1/2
-scene      shape         circle square triangle                      1/3
-scene      shape_color   red green blue yellow                       1/4
-text       fact          fixed answer per question (12 facts)        1/12
-=========  ============  ==========================================  ======
+The questions are made so that the language model has work to do, per domain, on what the
+vision tower hands it, and so that words mean different things in different domains:
+
+- **shared answers**: ``one two three`` count cars, lesions, houses or text lines; ``yes
+  no`` answer a different question in driving, medical and document; ``left right`` say
+  where the river or a named shape is; colours name a stamp or a shape. Which image feature
+  an answer word stands for is routed by the domain.
+- **counting** (how many cars, lesions, houses, lines): the answer is a sum over the image.
+- **claims to check against the image** (``is the light red``, ``is the lesion on the
+  left``): the question names a value (a slot, from ``SLOTS``) that the image may contradict,
+  so text and image compete; the answer is neither in the text nor in the picture alone.
+- **compositions and bindings**: ``should the car stop`` is yes only when the light is red
+  *and* the car has not passed the stop line (it is in the left half of the road);
+  ``what color is the left shape`` and ``where is the red shape`` must find the shape the
+  question names among two and read its other attribute.
+- one whole-image question (remote ``land``) that a model picks up first.
+- **questions that do not name their domain**: one of the two wordings of most types is
+  shared or generic (``how many are there`` in four domains, ``is it on the left``, ``what
+  color is it``), so what to count or look at must come from the picture's domain.
+- **text-only facts**: 12 everyday ones and 108 about made-up creatures (``what color is the
+  dax``), knowledge that only the text carries.
+
+=========  ===========  ==============================================  ======
+domain     question     answers (slot values)                           chance
+=========  ===========  ==============================================  ======
+driving    cars         one two three                                   1/3
+driving    light        yes no (light: red green)                       1/2
+driving    stop         yes no (red light and before the line)          1/2
+medical    lesions      one two three                                   1/3
+medical    lesion_side  yes no (side: left right)                       1/2
+remote     land         field desert forest                             1/3
+remote     houses       one two three                                   1/3
+remote     water_where  left right                                      1/2
+document   lines        one two three                                   1/3
+document   stamp        red green blue yellow                           1/4
+document   table        yes no                                          1/2
+scene      shape_color  red green blue yellow (side: left right)        1/4
+scene      shape_where  left right (color: red green blue yellow)       1/2
+text       fact         fixed answer per question (120 facts)           19/120
+=========  ===========  ==============================================  ======
+
+Answers are balanced within each question type and, for each question text (template and
+slot values), across its answers: the answer is drawn first and the image rendered to match
+it, so no question gives its answer away, and the image alone does not either when the
+question names a value.
 
 Samples are plain dicts: ``question``, ``image`` (RGB PIL image or ``None``), ``answer``,
 ``domain``, ``question_type``; an HF ``datasets.Dataset`` of the same columns (``image`` an
@@ -29,7 +59,9 @@ Samples are plain dicts: ``question``, ``image`` (RGB PIL image or ``None``), ``
 
 from __future__ import annotations
 
+import itertools
 import json
+import string
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,38 +80,44 @@ DOMAINS = ("driving", "medical", "remote", "document", "scene")
 TEXT_DOMAIN = "text"
 CHAT_WORDS = ("USER", "ASSISTANT", ":")  # the words of mm_lens.model.tiny's chat template
 
-# domain -> question type -> (templates, answers)
+NUMBERS = ("one", "two", "three")
+YES_NO = ("yes", "no")
+COLORS = ("red", "green", "blue", "yellow")
+LAND = ("field", "desert", "forest")
+SIDES = ("left", "right")
+SHAPES = ("circle", "square", "triangle")
+
+# Values a question may name: ``{light}`` in a template is filled with one of SLOTS["light"].
+SLOTS: dict[str, tuple[str, ...]] = {
+    "light": ("red", "green"),
+    "side": ("left", "right"),
+    "color": COLORS,
+}
+
+# domain -> question type -> (templates, answers); templates may hold {slot} fields of SLOTS
 QUESTIONS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "driving": {
-        "car_color": (
-            ("what color is the car", "which color is the car on the road"),
-            ("blue", "yellow", "white", "black"),
-        ),
-        "light": (("is the light red or green", "is the traffic light red or green"), ("red", "green")),
+        "cars": (("how many cars are there", "how many are there"), NUMBERS),
+        "light": (("is the traffic light {light}", "is it {light}"), YES_NO),
+        "stop": (("should the car stop", "must the car stop here"), YES_NO),
     },
     "medical": {
-        "lesion_where": (
-            ("where is the lesion", "where is the lesion in the scan"),
-            ("left", "right", "top", "bottom"),
-        ),
-        "lesion_any": (("is there a lesion", "is there a lesion in the scan"), ("yes", "no")),
+        "lesions": (("how many lesions are in the scan", "how many are there"), NUMBERS),
+        "lesion_side": (("is the lesion on the {side}", "is it on the {side}"), YES_NO),
     },
     "remote": {
-        "land_cover": (
-            ("what is the land cover", "what land cover is shown in this image"),
-            ("field", "water", "city", "desert"),
-        ),
+        "land": (("what is the land cover", "what land cover is shown"), LAND),
+        "houses": (("how many houses are in this image", "how many are there"), NUMBERS),
+        "water_where": (("on which side is the river", "where is it"), SIDES),
     },
     "document": {
-        "line_count": (
-            ("how many lines of text are there", "how many lines are on the page"),
-            ("one", "two", "three", "four"),
-        ),
-        "table": (("is there a table", "is there a table on the page"), ("yes", "no")),
+        "lines": (("how many lines of text are there", "how many are there"), NUMBERS),
+        "stamp": (("which color is the stamp on the page", "what color is it"), COLORS),
+        "table": (("is there a table", "is there a table on the page"), YES_NO),
     },
     "scene": {
-        "shape": (("what shape is this", "what shape is in the image"), ("circle", "square", "triangle")),
-        "shape_color": (("what color is the shape", "which color is the shape"), ("red", "green", "blue", "yellow")),
+        "shape_color": (("what color is the {side} shape", "what color is the {side} one"), COLORS),
+        "shape_where": (("where is the {color} shape", "where is the {color} one"), SIDES),
     },
 }
 
@@ -99,6 +137,29 @@ FACTS: dict[str, str] = {
     "is ice hot": "no",
 }
 
+
+def _nonce_facts(n_creatures: int = 36) -> dict[str, str]:
+    """Facts about made-up creatures (``what color is the dax``, ``how many legs does the dax
+    have``, ``is the dax wild``), answers drawn from a fixed seed among the words the images'
+    questions answer with: memorised knowledge that only the text carries, in the LM's MLPs,
+    competing with what the pictures say for the same answer words."""
+    rng = np.random.default_rng(20261205)
+    onsets, vowels, codas = "bdfgklmnprstvwz", "aeiou", "bdgklmnprstx"
+    names: list[str] = []
+    while len(names) < n_creatures:
+        name = str(rng.choice(list(onsets))) + str(rng.choice(list(vowels))) + str(rng.choice(list(codas)))
+        if name not in names and name not in {"dog", "sun", "bed", "pin", "ten"}:
+            names.append(name)
+    facts = {}
+    for name in names:
+        facts[f"what color is the {name}"] = str(rng.choice(COLORS))
+        facts[f"how many legs does the {name} have"] = str(rng.choice((*NUMBERS, "four")))
+        facts[f"is the {name} wild"] = str(rng.choice(YES_NO))
+    return facts
+
+
+FACTS.update(_nonce_facts())
+
 FEATURES = datasets.Features(
     {
         "image": datasets.Image(),  # None for text-only rows
@@ -110,13 +171,33 @@ FEATURES = datasets.Features(
 )
 
 
+def _slot_names(template: str) -> tuple[str, ...]:
+    return tuple(name for _, name, _, _ in string.Formatter().parse(template) if name)
+
+
+def _questions(templates: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+    """Every filled-in question of a type with its slot values, in a fixed order: templates,
+    then slot values (the first slot varying slowest)."""
+    names = _slot_names(templates[0])
+    for template in templates:
+        if _slot_names(template) != names:
+            raise ValueError(f"templates {list(templates)} name different slots; give every template of a type the same")
+    filled = []
+    for template in templates:
+        for values in itertools.product(*(SLOTS[name] for name in names)):
+            slots = dict(zip(names, values))
+            filled.append((template.format(**slots), slots))
+    return filled
+
+
 def vocabulary(*, chat: bool = True) -> list[str]:
-    """Every word of every question and answer (and, with ``chat``, of the chat template), in a
-    fixed order: ``build_word_tokenizer(vocabulary())`` tokenizes all samples with no ``<unk>``."""
+    """Every word of every question (slots filled in) and answer, and with ``chat`` of the chat
+    template, in a fixed order: ``build_word_tokenizer(vocabulary())`` tokenizes all samples
+    with no ``<unk>``."""
     words: dict[str, None] = dict.fromkeys(CHAT_WORDS if chat else ())
     for types in QUESTIONS.values():
         for templates, answers in types.values():
-            for text in (*templates, *answers):
+            for text in (*(question for question, _ in _questions(templates)), *answers):
                 words.update(dict.fromkeys(text.split()))
     for question, answer in FACTS.items():
         words.update(dict.fromkeys(f"{question} {answer}".split()))
@@ -125,6 +206,8 @@ def vocabulary(*, chat: bool = True) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Drawing: float RGB canvases in [0, 255], geometry in unit coordinates (resolution-free).
+# Objects are big (each covers several of the organism's 8-pixel patches) and sit in a few
+# fixed slots per domain, jittered a little, so that counts and sides are unambiguous.
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,147 +238,189 @@ def _box(u, v, left, top, right, bottom) -> np.ndarray:
     return (u >= left) & (u <= right) & (v >= top) & (v <= bottom)
 
 
+def _pick(rng: np.random.Generator, slots: Sequence[tuple[float, float]], n: int, jitter: float = 0.02) -> list[tuple[float, float]]:
+    """``n`` distinct slots (unit centres ``(u, v)``), each jittered by up to ``jitter``."""
+    return [
+        (slots[i][0] + rng.uniform(-jitter, jitter), slots[i][1] + rng.uniform(-jitter, jitter))
+        for i in rng.choice(len(slots), size=n, replace=False)
+    ]
+
+
+def _other(rng: np.random.Generator, values: Sequence[str], *not_these: str) -> str:
+    return str(rng.choice([v for v in values if v not in not_these]))
+
+
+def _count(answer: str) -> int:
+    return NUMBERS.index(answer) + 1
+
+
+def _side_of(rng: np.random.Generator, kind: str, answer: str, slots: Mapping[str, str]) -> str:
+    """The side the picture shows: the answer of a question asking where; for a claim about
+    the side, the named side when the answer is yes and the other one when no; otherwise either."""
+    if kind.endswith("_where"):
+        return answer
+    if kind.endswith("_side"):
+        return slots["side"] if answer == "yes" else _other(rng, SIDES, slots["side"])
+    return str(rng.choice(SIDES))
+
+
 CAR_COLORS = {"blue": (40, 70, 215), "yellow": (240, 205, 35), "white": (245, 245, 245), "black": (20, 20, 25)}
-SHAPE_COLORS = {"red": (220, 35, 35), "green": (35, 170, 60), "blue": (40, 80, 225), "yellow": (240, 210, 35)}
+PALETTE = {"red": (220, 35, 35), "green": (35, 170, 60), "blue": (40, 80, 225), "yellow": (240, 210, 35)}
 SCENE_BACKGROUNDS = ((150, 150, 150), (200, 190, 160), (150, 185, 175), (180, 170, 200), (95, 95, 105))
+LAMPS = {"red": ((0.84, 0.14), (230, 30, 30)), "green": ((0.84, 0.36), (40, 225, 70))}
+STOP_LINE = 0.5  # cars drive right, towards the light; the left road slots are before the line
+CAR_SLOTS = ((0.25, 0.62), (0.75, 0.62), (0.25, 0.86), (0.75, 0.86))
 
 
-def _driving(rng, size, question_type, answer):
-    """Sky, a grey road with a dashed lane, a car on the left, a traffic light on the right."""
-    car = answer if question_type == "car_color" else rng.choice(list(CAR_COLORS))
-    light = answer if question_type == "light" else rng.choice(["red", "green"])
+def _car(img, u, v, rng, cx, cy) -> None:
+    """A car about a third of the picture wide: body, roof with a window, two dark wheels."""
+    color = _jitter(rng, CAR_COLORS[str(rng.choice(list(CAR_COLORS)))], 0.95, 1.03)
+    img[_box(u, v, cx - 0.17, cy - 0.02, cx + 0.17, cy + 0.06)] = color
+    img[_box(u, v, cx - 0.09, cy - 0.08, cx + 0.09, cy - 0.02)] = color
+    img[_box(u, v, cx - 0.06, cy - 0.07, cx + 0.06, cy - 0.03)] = (170, 200, 225)
+    for wheel in (cx - 0.1, cx + 0.1):
+        img[_ellipse(u, v, wheel, cy + 0.07, 0.035)] = (15, 15, 15)
+
+
+def _driving(rng, size, kind, answer, slots):
+    """Sky over a grey road with a stop line in the middle; a traffic light (one lamp lit) in
+    the top right; cars in the four road slots, driving right towards the light."""
+    if kind == "light":
+        light = slots["light"] if answer == "yes" else _other(rng, SLOTS["light"], slots["light"])
+    elif kind == "stop":
+        light, passed = ("red", False) if answer == "yes" else [("red", True), ("green", False), ("green", True)][rng.integers(3)]
+    else:
+        light = str(rng.choice(SLOTS["light"]))
+    if kind == "stop":
+        cars = _pick(rng, [s for s in CAR_SLOTS if (s[0] > STOP_LINE) == passed], 1)
+    else:
+        cars = _pick(rng, CAR_SLOTS, _count(answer) if kind == "cars" else int(rng.integers(1, 4)))
     u, v = _grid(size)
     img = _canvas(size, _jitter(rng, (135, 190, 235), 0.85, 1.05))
-    horizon = rng.uniform(0.36, 0.44)
-    img[v > horizon] = _jitter(rng, (100, 100, 100), 0.85, 1.15)
-    dash = ((u * 3 + rng.uniform()) % 1.0) < 0.5
-    img[dash & (np.abs(v - 0.86) < 0.035)] = (235, 235, 225)
-    x0, y0 = rng.uniform(0.03, 0.3), rng.uniform(-0.04, 0.04)
-    img[_box(u, v, x0 + 0.09, 0.45 + y0, x0 + 0.33, 0.58 + y0)] = _jitter(rng, CAR_COLORS[car], 0.95, 1.03)
-    img[_box(u, v, x0 + 0.13, 0.48 + y0, x0 + 0.29, 0.56 + y0)] = (170, 200, 225)  # windows
-    img[_box(u, v, x0, 0.57 + y0, x0 + 0.44, 0.74 + y0)] = _jitter(rng, CAR_COLORS[car], 0.95, 1.03)
-    for wheel in (x0 + 0.1, x0 + 0.34):
-        img[_ellipse(u, v, wheel, 0.76 + y0, 0.06)] = (15, 15, 15)
-    img[_box(u, v, 0.855, 0.3, 0.895, horizon + 0.15)] = (45, 45, 50)  # pole
-    img[_box(u, v, 0.78, 0.04, 0.97, 0.42)] = (25, 25, 28)  # housing
-    lamps = {"red": ((0.875, 0.14), (225, 30, 30)), "green": ((0.875, 0.32), (40, 220, 70))}
-    for name, (centre, color) in lamps.items():
-        img[_ellipse(u, v, *centre, 0.07)] = color if name == light else (70, 70, 70)
+    img[v >= 0.5] = _jitter(rng, (100, 100, 100), 0.85, 1.15)
+    img[(v >= 0.5) & (np.abs(u - STOP_LINE) < 0.02)] = (240, 240, 235)
+    img[_box(u, v, 0.82, 0.46, 0.86, 0.5)] = (45, 45, 50)  # pole
+    img[_box(u, v, 0.74, 0.03, 0.94, 0.47)] = (25, 25, 28)  # housing
+    for name, (centre, color) in LAMPS.items():
+        img[_ellipse(u, v, *centre, 0.08)] = color if name == light else (70, 70, 70)
+    for centre in cars:
+        _car(img, u, v, rng, *centre)
     return _finish(img, rng)
 
 
-_LESION_OFFSETS = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
+LESION_SLOTS = ((0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7))
 
 
-def _medical(rng, size, question_type, answer):
-    """A grey oval body on black, shaded like a scan; a bright blob is the lesion."""
+def _medical(rng, size, kind, answer, slots):
+    """A grey oval body on black, shaded like a scan; big bright round lesions in its four
+    quadrants."""
+    if kind == "lesions":
+        lesions = _pick(rng, LESION_SLOTS, _count(answer), 0.03)
+    else:
+        side = _side_of(rng, kind, answer, slots)
+        lesions = _pick(rng, [s for s in LESION_SLOTS if (s[0] < 0.5) == (side == "left")], 1, 0.03)
     u, v = _grid(size)
-    cx, cy = 0.5 + rng.uniform(-0.03, 0.03, 2)
-    rx, ry = rng.uniform(0.36, 0.43), rng.uniform(0.34, 0.43)
+    cx, cy = 0.5 + rng.uniform(-0.02, 0.02, 2)
+    rx, ry = rng.uniform(0.44, 0.49), rng.uniform(0.44, 0.49)
     img = _canvas(size, [rng.uniform(0, 20)] * 3)
     r2 = ((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2
-    tissue = rng.uniform(95, 125) * (1.0 - 0.3 * r2) + 12 * np.sin(9 * u + rng.uniform(0, 6)) * np.sin(7 * v)
+    tissue = rng.uniform(90, 120) * (1.0 - 0.3 * r2) + 10 * np.sin(9 * u + rng.uniform(0, 6)) * np.sin(7 * v)
     img[r2 <= 1] = tissue[r2 <= 1, None]
-    if question_type == "lesion_where":
-        side = answer
-    else:
-        side = rng.choice(list(_LESION_OFFSETS)) if answer == "yes" else None
-    if side is not None:
-        du, dv = _LESION_OFFSETS[side]
-        bx = cx + du * rng.uniform(0.18, 0.23) + rng.uniform(-0.04, 0.04) * (du == 0)
-        by = cy + dv * rng.uniform(0.18, 0.23) + rng.uniform(-0.04, 0.04) * (dv == 0)
-        img[_ellipse(u, v, bx, by, rng.uniform(0.09, 0.12))] = rng.uniform(215, 250)
+    for centre in lesions:
+        img[_ellipse(u, v, *centre, rng.uniform(0.1, 0.12))] = rng.uniform(215, 250)
     return _finish(img, rng, noise=6.0)
 
 
-def _remote(rng, size, question_type, answer):
-    """Satellite-like texture filling the frame: crop rows, water, a city grid, or dunes."""
+HOUSE_SLOTS = ((0.39, 0.27), (0.61, 0.27), (0.39, 0.73), (0.61, 0.73))
+
+
+def _remote(rng, size, kind, answer, slots):
+    """A satellite view: field rows, desert dunes or forest crowns filling the frame, a river
+    along the left or right edge, white houses with red roofs in the four middle slots."""
+    side = _side_of(rng, kind, answer, slots)
+    land = answer if kind == "land" else str(rng.choice(LAND))
     u, v = _grid(size)
     angle = rng.uniform(0, np.pi)
     along = u * np.cos(angle) + v * np.sin(angle)
-    if answer == "field":
-        img = _canvas(size, _jitter(rng, (60, 145, 50)))
-        rows = np.floor(along * size / rng.uniform(2.5, 4.0)) % 2 == 1
-        img[rows] = _jitter(rng, (110, 170, 60))
-        parcel = _box(u, v, *sorted(rng.uniform(0, 1, 2)), 1.0, 1.0)
-        img[parcel] *= rng.uniform(0.8, 0.95)
-    elif answer == "water":
-        img = _canvas(size, _jitter(rng, (30, 75, 165)))
-        img += (14 * np.sin(along * rng.uniform(10, 20) + rng.uniform(0, 6)))[..., None]
-    elif answer == "city":
-        img = _canvas(size, _jitter(rng, (75, 75, 80)))  # streets
-        cells = int(rng.integers(3, 5))
-        for i in range(cells):
-            for j in range(cells):
-                shade = rng.uniform(130, 215)
-                img[_box(u, v, (i + 0.18) / cells, (j + 0.18) / cells, (i + 0.82) / cells, (j + 0.82) / cells)] = shade
-    else:  # desert
+    if land == "field":
+        img = _canvas(size, _jitter(rng, (95, 165, 55)))
+        img[np.floor(along * 10 * rng.uniform(0.8, 1.2)) % 2 == 1] = _jitter(rng, (140, 185, 70))
+    elif land == "desert":
         img = _canvas(size, _jitter(rng, (215, 185, 125)))
-        img += (18 * np.sin(along * rng.uniform(8, 14) + 2 * np.sin(6 * u + 3 * v)))[..., None]
+        img += (14 * np.sin(along * rng.uniform(8, 14) + 2 * np.sin(6 * u + 3 * v)))[..., None]
+    else:  # forest: dark crowns on darker ground
+        img = _canvas(size, _jitter(rng, (25, 70, 30)))
+        for cx, cy in rng.uniform(0, 1, (14, 2)):
+            img[_ellipse(u, v, cx, cy, rng.uniform(0.06, 0.1))] = _jitter(rng, (45, 105, 45))
+    middle = (0.11 if side == "left" else 0.89) + 0.02 * np.sin(v * rng.uniform(5, 9) + rng.uniform(0, 6))
+    img[np.abs(u - middle) < rng.uniform(0.09, 0.11)] = _jitter(rng, (30, 75, 165))
+    for hx, hy in _pick(rng, HOUSE_SLOTS, _count(answer) if kind == "houses" else int(rng.integers(1, 4))):
+        img[_box(u, v, hx - 0.08, hy - 0.08, hx + 0.08, hy + 0.08)] = _jitter(rng, (235, 235, 230), 0.95, 1.05)
+        img[_box(u, v, hx - 0.08, hy - 0.08, hx + 0.08, hy - 0.02)] = _jitter(rng, (185, 40, 30))
     return _finish(img, rng, noise=6.0)
 
 
-_NUMBERS = ("one", "two", "three", "four")
-_LINE_SLOTS = (0.16, 0.38, 0.6, 0.82)
+LINE_ROWS = (0.14, 0.38, 0.62, 0.86)
 
 
-def _text_line(img, u, v, rng, size, y, left=None, right=None):
-    left = rng.uniform(0.07, 0.14) if left is None else left
-    right = rng.uniform(0.7, 0.93) if right is None else right
-    ink = rng.uniform(10, 45)
+def _text_line(img, u, v, rng, size, y, left=0.05, right=None) -> None:
+    right = rng.uniform(0.55, 0.68) if right is None else right
     line = _box(u, v, left, y - 0.06, right, y + 0.06)
-    gaps = rng.uniform(left + 0.1, right - 0.05, int(rng.integers(1, 4)))
-    for gap in gaps:  # word breaks, one pixel wide
+    for gap in rng.uniform(left + 0.1, right - 0.05, int(rng.integers(1, 3))):  # word breaks, one pixel wide
         line &= np.abs(u - gap) > 0.5 / size
-    img[line] = ink
+    img[line] = rng.uniform(10, 45)
 
 
-def _document(rng, size, question_type, answer):
-    """A white page with thick black text lines; sometimes a ruled table."""
+def _document(rng, size, kind, answer, slots):
+    """A white page: thick black text lines across its left part (one per row slot), or one
+    line over a ruled table; a big coloured square stamp in the right column."""
     u, v = _grid(size)
     img = _canvas(size, _jitter(rng, (248, 246, 238), 0.95, 1.02))
-    slots = [y + rng.uniform(-0.02, 0.02) for y in _LINE_SLOTS]
-    if question_type == "line_count":
-        n = _NUMBERS.index(answer) + 1
-        first = int(rng.integers(0, len(slots) - n + 1))
-        for y in slots[first : first + n]:
-            _text_line(img, u, v, rng, size, y)
-    elif answer == "yes":
-        _text_line(img, u, v, rng, size, slots[0])
+    rows = [y + rng.uniform(-0.02, 0.02) for y in LINE_ROWS]
+    if kind == "table" and answer == "yes":
+        _text_line(img, u, v, rng, size, rows[0])
         top, bottom = rng.uniform(0.3, 0.36), rng.uniform(0.88, 0.95)
-        left, right = rng.uniform(0.05, 0.12), rng.uniform(0.86, 0.95)
+        left, right = rng.uniform(0.04, 0.08), rng.uniform(0.6, 0.68)
         rule = max(1, round(size / 32)) / size
-        rows, cols = int(rng.integers(2, 4)), int(rng.integers(2, 4))
-        for y in np.linspace(top, bottom, rows + 1):
+        for y in np.linspace(top, bottom, int(rng.integers(2, 4)) + 1):
             img[_box(u, v, left, y - rule / 2, right, y + rule / 2)] = 30
-        for x in np.linspace(left, right, cols + 1):
+        for x in np.linspace(left, right, int(rng.integers(2, 4)) + 1):
             img[_box(u, v, x - rule / 2, top, x + rule / 2, bottom)] = 30
     else:
-        for y in slots[: int(rng.integers(2, 5))]:
-            _text_line(img, u, v, rng, size, y)
+        n = _count(answer) if kind == "lines" else int(rng.integers(2, 4)) if kind == "table" else int(rng.integers(1, 4))
+        for r in sorted(rng.choice(len(rows), size=n, replace=False)):
+            _text_line(img, u, v, rng, size, rows[r])
+    stamp = answer if kind == "stamp" else str(rng.choice(COLORS))
+    sx, sy = 0.85 + rng.uniform(-0.02, 0.02), rng.uniform(0.15, 0.85)
+    img[_box(u, v, sx - 0.12, sy - 0.12, sx + 0.12, sy + 0.12)] = _jitter(rng, PALETTE[stamp], 0.92, 1.05)
     return _finish(img, rng, noise=4.0)
 
 
-def _scene(rng, size, question_type, answer):
-    """One big coloured circle, square or triangle on a plain muted background."""
-    shape = answer if question_type == "shape" else rng.choice(["circle", "square", "triangle"])
-    color = answer if question_type == "shape_color" else rng.choice(list(SHAPE_COLORS))
+def _shape(u, v, kind, cx, cy, s) -> np.ndarray:
+    if kind == "circle":
+        return _ellipse(u, v, cx, cy, s)
+    if kind == "square":
+        return _box(u, v, cx - 0.85 * s, cy - 0.85 * s, cx + 0.85 * s, cy + 0.85 * s)
+    depth = (v - (cy - s)) / (1.9 * s)  # an upward triangle, apex at the top
+    return (depth >= 0) & (depth <= 1) & (np.abs(u - cx) <= 1.1 * s * depth)
+
+
+def _scene(rng, size, kind, answer, slots):
+    """Two big shapes of different kinds and colours, one in each half, on a muted background;
+    the question names one by its side (asking its colour) or by its colour (asking its side)."""
+    side, color = (slots["side"], answer) if kind == "shape_color" else (answer, slots["color"])
+    named, other = (str(k) for k in rng.choice(SHAPES, size=2, replace=False))
+    other_color = _other(rng, COLORS, color)
+    left, right = ((named, color), (other, other_color)) if side == "left" else ((other, other_color), (named, color))
     u, v = _grid(size)
     img = _canvas(size, _jitter(rng, SCENE_BACKGROUNDS[rng.integers(len(SCENE_BACKGROUNDS))]))
-    cx, cy = 0.5 + rng.uniform(-0.06, 0.06, 2)
-    s = rng.uniform(0.27, 0.33)
-    if shape == "circle":
-        mask = _ellipse(u, v, cx, cy, s)
-    elif shape == "square":
-        mask = _box(u, v, cx - 0.88 * s, cy - 0.88 * s, cx + 0.88 * s, cy + 0.88 * s)
-    else:  # an upward triangle, apex at the top
-        depth = (v - (cy - s)) / (1.9 * s)
-        mask = (depth >= 0) & (depth <= 1) & (np.abs(u - cx) <= 1.15 * s * depth)
-    img[mask] = _jitter(rng, SHAPE_COLORS[color], 0.92, 1.05)
+    for (shape, shape_color), cx in ((left, 0.25), (right, 0.75)):
+        mask = _shape(u, v, shape, cx + rng.uniform(-0.03, 0.03), 0.5 + rng.uniform(-0.12, 0.12), rng.uniform(0.17, 0.21))
+        img[mask] = _jitter(rng, PALETTE[shape_color], 0.92, 1.05)
     return _finish(img, rng)
 
 
-RENDERERS: dict[str, Callable[[np.random.Generator, int, str, str], np.ndarray]] = {
+RENDERERS: dict[str, Callable[[np.random.Generator, int, str, str, dict[str, str]], np.ndarray]] = {
     "driving": _driving,
     "medical": _medical,
     "remote": _remote,
@@ -313,16 +438,19 @@ def _rng(entropy: Sequence[int], domain: str) -> np.random.Generator:
     return np.random.default_rng([*entropy, zlib.crc32(domain.encode())])
 
 
-def _plan(rng: np.random.Generator, n: int, answers_by_type: Mapping[str, Sequence[str]]) -> list[tuple[str, str]]:
-    """``n`` (question type, answer) pairs: types round-robin, answers cycling within each type
-    (counts differ by at most one), in shuffled order."""
-    types = list(answers_by_type)
+def _plan(rng: np.random.Generator, n: int, types: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> list[tuple[str, str, str, dict[str, str]]]:
+    """``n`` (question type, answer, question, slots): types round-robin; within a type the
+    answers cycle fastest, then the filled-in questions, so answers are balanced (counts differ
+    by at most one) within each type and within each question text; in shuffled order."""
+    names = list(types)
+    questions = {kind: _questions(templates) for kind, (templates, _) in types.items()}
     seen: Counter = Counter()
     plan = []
     for i in range(n):
-        kind = types[i % len(types)]
-        answers = answers_by_type[kind]
-        plan.append((kind, answers[seen[kind] % len(answers)]))
+        kind = names[i % len(names)]
+        answers, j = types[kind][1], seen[kind]
+        question, slots = questions[kind][(j // len(answers)) % len(questions[kind])]
+        plan.append((kind, answers[j % len(answers)], question, slots))
         seen[kind] += 1
     return [plan[i] for i in rng.permutation(n)]
 
@@ -340,11 +468,8 @@ def _generate(
     samples = []
     for domain in domains:
         rng = _rng(entropy, domain)
-        types = QUESTIONS[domain]
-        for kind, answer in _plan(rng, n_per_domain, {k: answers for k, (_, answers) in types.items()}):
-            templates = types[kind][0]
-            pixels = RENDERERS[domain](rng, image_size, kind, answer)
-            question = templates[rng.integers(len(templates))]
+        for kind, answer, question, slots in _plan(rng, n_per_domain, QUESTIONS[domain]):
+            pixels = RENDERERS[domain](rng, image_size, kind, answer, slots)
             samples.append(
                 {
                     "image": Image.fromarray(pixels),
