@@ -99,6 +99,8 @@ def _versus(change: float | None, random: float | None, name: str = "random") ->
         return f"{name} n/a"
     if abs(random) < NOISE:
         return f"{name}: no measurable change"
+    if change * random < 0:
+        return f"the opposite way to {name}"
     return f"{change / random:.1f}× {name}"
 
 
@@ -128,17 +130,20 @@ class CrossDomainResult:
         return self.chosen[self._metric(metric)] - rearrange(self.baseline[metric], "domain -> 1 domain")
 
     def random_delta(self, metric: str = "answer_logprob") -> tuple[Tensor, Tensor]:
-        """Mean and standard deviation over seeds of random-control minus baseline."""
+        """Mean and sample standard deviation over seeds of random-control minus baseline."""
         deltas = self.random[self._metric(metric)] - rearrange(self.baseline[metric], "domain -> 1 1 domain")
-        spread = deltas.std(dim=0, unbiased=False) if deltas.shape[0] > 1 else torch.zeros_like(deltas[0])
+        spread = deltas.std(dim=0) if deltas.shape[0] > 1 else torch.zeros_like(deltas[0])
         return reduce(deltas, "seed group domain -> group domain", "mean"), spread
 
     def effects(self, metric: str = "answer_logprob") -> list[GroupEffect]:
-        """Each group's own-domain and other-domain change next to random neurons'."""
+        """Each group's own-domain and other-domain change next to random neurons'. A group
+        has an own domain only for domain neurons (LAPE): MINER's modality groups are never
+        read as the evaluation domain of the same name (e.g. ``text``)."""
         chosen, (random_mean, random_sd) = self.delta(metric), self.random_delta(metric)
+        by_domain = self.metadata.get("neurons", {}).get("method") != "miner"
         effects = []
         for g, group in enumerate(self.groups):
-            own = self.domains.index(group) if group in self.domains else None
+            own = self.domains.index(group) if by_domain and group in self.domains else None
             others = [d for d in range(len(self.domains)) if d != own]
             effects.append(GroupEffect(
                 group,
@@ -161,7 +166,7 @@ class CrossDomainResult:
             parts = [f"{e.group} neurons off change {name} by {e.others:+.3f} {unit} on average "
                      f"({_versus(e.others, e.others_random)}, {e.others_random:+.3f})" for e in effects]
             return "; ".join(parts) + "." if parts else ""
-        strongest = sorted(owned, key=lambda e: e.own)[:2]
+        strongest = sorted(owned, key=lambda e: (not e.beyond_random, e.own))[:2]  # beyond random first
         sentences = [
             f"{e.group} neurons off change {e.group} answers' {name} by {e.own:+.3f} {unit} "
             f"({_versus(e.own, e.own_random, 'the matched random neurons')}, {e.own_random:+.3f} ± {e.own_random_sd:.3f}); "

@@ -501,9 +501,12 @@ class NeuronSet:
         layers = torch.arange(self.n_layers(module))
         kind = "bar" if len(layers) == 1 else kind  # one point per series reads better as bars
         n = len(self.groups)
+        markers, styles = "osD^v<>p", ("-", "--", "-.", ":")
         for i, g in enumerate(self.groups):
-            if kind == "line":
-                ax.plot(layers.tolist(), counts[i].tolist(), marker="o", label=g)
+            if kind == "line":  # each series shifted a little and drawn its own way: equal counts stay visible
+                shift = (i - (n - 1) / 2) * 0.12 / max(n - 1, 1)
+                ax.plot((layers + shift).tolist(), counts[i].tolist(), marker=markers[i % len(markers)],
+                        linestyle=styles[i % len(styles)], label=g)
             else:
                 offset = (i - (n - 1) / 2) * 0.8 / n
                 ax.bar((layers + offset).tolist(), counts[i].tolist(), width=0.8 / n, label=g)
