@@ -10,13 +10,15 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ["stats_overhead.py", "miner_attention.py", "logit_lens_time.py", "logit_lens_memory.py", "patching_sweep.py"]
+SCRIPTS = ["stats_overhead.py", "miner_attention.py", "logit_lens_time.py", "logit_lens_memory.py", "patching_sweep.py", "generate.py"]
+LONG = [["patching_sweep.py", "--shape", "next"]]  # full runs only: real image lengths
 
 quick = "--quick" in sys.argv[1:]
 lines = []
-for script in SCRIPTS:
-    print(f"== {script}", flush=True)
-    args = [sys.executable, str(HERE / script)] + (["--quick"] if quick else [])
+runs = [[script, "--quick"] if quick else [script] for script in SCRIPTS] + ([] if quick else LONG)
+for script, *options in runs:
+    print(f"== {' '.join([script, *options])}", flush=True)
+    args = [sys.executable, str(HERE / script), *options]
     result = subprocess.run(args, cwd=HERE, capture_output=True, text=True)
     print(result.stdout, end="")
     if result.returncode != 0:

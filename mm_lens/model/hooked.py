@@ -421,6 +421,10 @@ class HookedMLLM(torch.nn.Module):
         tokens are never generated (they would have no features behind them). Other keywords
         go to HF's ``generate`` (e.g. ``suppress_tokens``, added to the media tokens).
 
+        Attention runs through SDPA wherever no hook needs its pattern (``fast_attention``;
+        ``model.use_sdpa = False`` keeps it eager), so the tokens equal HF's ``generate`` up
+        to float rounding ties.
+
         ``return_cache``: also an ``ActivationCache`` of the hooks ``names_filter`` selects
         (as in ``run_with_cache``) over the prompt and the fed answer tokens; memory is what
         the filter keeps. See ``mm_lens.model.generation``.
@@ -454,7 +458,8 @@ class HookedMLLM(torch.nn.Module):
             config.eos_token_id = []  # None would mean "the model's default"
         prompt_length = batch["input_ids"].shape[1]
         recorder = StepRecorder(self._cached_names(names_filter), prompt_length) if return_cache else None
-        with torch.no_grad(), self.bridge.hooks(fwd_hooks=recorder.hooks() if recorder else []):
+        # attention through SDPA wherever no hook needs its pattern (self.use_sdpa = False: eager)
+        with torch.no_grad(), self.fast_attention(), self.bridge.hooks(fwd_hooks=recorder.hooks() if recorder else []):
             output = self.hf_model.generate(**batch.inputs, generation_config=config, **generate_kwargs)
         if not torch.equal(output[:, :prompt_length], batch["input_ids"]):
             raise RuntimeError("HF's generate returned ids that do not start with the prompt; this architecture's generate is not supported")
