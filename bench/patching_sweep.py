@@ -46,7 +46,9 @@ for name, settings in {"TL-style, full forward per patch": dict(fast=False, patc
     times[name] = time.perf_counter() - start
 naive, fast = results.values()
 same = torch.allclose(naive.effect, fast.effect, atol=1e-4)
-print(f"{len(layers or range(model.cfg.n_layers))} layers x {len(fast.units)} image positions (every {stride}th of {image_tokens}); identical: {same}")
+gap = float((naive.effect - fast.effect).abs().max())
+print(f"{len(layers or range(model.cfg.n_layers))} layers x {len(fast.units)} image positions (every {stride}th of {image_tokens}); "
+      f"identical: {same} (largest difference {gap:.1e}, effects up to {float(naive.effect.abs().max()):.1e})", flush=True)
 for name, seconds in times.items():
     print(f"  {name:<34} {seconds:7.2f} s")
 ratio = times["TL-style, full forward per patch"] / times["mm_lens fast path"]

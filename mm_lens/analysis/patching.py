@@ -362,66 +362,70 @@ def patch_sweep(
     ``fast`` (default): each patched forward starts at the patched layer from the target
     run's cached residual instead of recomputing the vision tower and the layers below;
     ``fast=False`` runs every patch as a full forward, as TransformerLens does (same results).
+    Attention runs through SDPA unless a hook needs its pattern (``HookedMLLM.fast_attention``).
     """
-    plan = _SweepPlan.check(model, clean, corrupted, hook, layers, positions, per, cell_size, source, target)
-    runs, layers, units, names, mm = plan.runs, plan.layers, plan.units, plan.names, clean.modality_map
-    with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
-        corrupted_logits, corrupted_cache = model.run_with_cache(corrupted, names_filter=names)
-    caches = {"clean": clean_cache, "corrupted": corrupted_cache}
-    measure = _metric_fn(metric, clean_logits, corrupted_logits, mm.last, answer_tokens, wrong_tokens)
-    # named metrics read only the last positions: the fast path unembeds just those
-    at_last = fast and not callable(metric)
-    measure_last = _metric_fn(metric, clean_logits, corrupted_logits, mm.last, answer_tokens, wrong_tokens, relative=True) if at_last else measure
-    clean_value, corrupted_value = float(measure(clean_logits).mean()), float(measure(corrupted_logits).mean())
-    _check_recoverable(metric, clean_value, corrupted_value)
+    # attention through SDPA wherever no hook needs its pattern: at image lengths the eager
+    # pattern of every patched copy would dominate time and memory (use_sdpa = False: eager)
+    with model.fast_attention():
+        plan = _SweepPlan.check(model, clean, corrupted, hook, layers, positions, per, cell_size, source, target)
+        runs, layers, units, names, mm = plan.runs, plan.layers, plan.units, plan.names, clean.modality_map
+        with torch.no_grad():
+            clean_logits, clean_cache = model.run_with_cache(clean, names_filter=names)
+            corrupted_logits, corrupted_cache = model.run_with_cache(corrupted, names_filter=names)
+        caches = {"clean": clean_cache, "corrupted": corrupted_cache}
+        measure = _metric_fn(metric, clean_logits, corrupted_logits, mm.last, answer_tokens, wrong_tokens)
+        # named metrics read only the last positions: the fast path unembeds just those
+        at_last = fast and not callable(metric)
+        measure_last = _metric_fn(metric, clean_logits, corrupted_logits, mm.last, answer_tokens, wrong_tokens, relative=True) if at_last else measure
+        clean_value, corrupted_value = float(measure(clean_logits).mean()), float(measure(corrupted_logits).mean())
+        _check_recoverable(metric, clean_value, corrupted_value)
 
-    rows = mm.shape[0]
-    resume = _ResumableRun(model, runs[target]) if fast else None
-    raw = torch.zeros(len(layers), len(units))
-    chunks = [units[i : i + patches_per_forward] for i in range(0, len(units), patches_per_forward)]
-    bar = tqdm(total=len(layers) * len(chunks), desc=f"patching {hook}", disable=not progress, unit="forward")
-    for li, name in enumerate(names):
-        source_act = caches[source][name]
-        for ci, chunk in enumerate(chunks):
-            copies = len(chunk)
+        rows = mm.shape[0]
+        resume = _ResumableRun(model, runs[target]) if fast else None
+        raw = torch.zeros(len(layers), len(units))
+        chunks = [units[i : i + patches_per_forward] for i in range(0, len(units), patches_per_forward)]
+        bar = tqdm(total=len(layers) * len(chunks), desc=f"patching {hook}", disable=not progress, unit="forward")
+        for li, name in enumerate(names):
+            source_act = caches[source][name]
+            for ci, chunk in enumerate(chunks):
+                copies = len(chunk)
 
-            def patch(act: Tensor, hook: Any, chunk=chunk) -> Tensor:
-                act = act.clone()
-                for k, unit in enumerate(chunk):
-                    act[k * rows : (k + 1) * rows, unit.positions] = source_act[:, unit.positions]
-                return act
+                def patch(act: Tensor, hook: Any, chunk=chunk) -> Tensor:
+                    act = act.clone()
+                    for k, unit in enumerate(chunk):
+                        act[k * rows : (k + 1) * rows, unit.positions] = source_act[:, unit.positions]
+                    return act
 
-            def plain(patch=patch) -> Tensor:
-                return model.run_with_hooks(fwd_hooks=[(name, patch)], **_tile(runs[target].inputs, copies))
+                def plain(patch=patch) -> Tensor:
+                    return model.run_with_hooks(fwd_hooks=[(name, patch)], **_tile(runs[target].inputs, copies))
 
-            def fast(patch=patch, layer=layers[li]) -> Tensor:
-                with model.hooks(fwd_hooks=[(name, patch)]):
-                    return resume.logits_from(layer, copies, at=mm.last if at_last else None)
+                def fast(patch=patch, layer=layers[li]) -> Tensor:
+                    with model.hooks(fwd_hooks=[(name, patch)]):
+                        return resume.logits_from(layer, copies, at=mm.last if at_last else None)
 
-            with torch.no_grad():
-                if resume is None:
-                    logits = plain()
-                elif li == 0 and ci == 0:  # the first forward checks the fast path against the plain one
-                    logits = plain()
-                    last = mm.last.repeat(copies)
-                    expected = logits[torch.arange(len(last)), last]
-                    view = (lambda fast_logits: fast_logits[:, 0]) if at_last else (lambda fast_logits: fast_logits[torch.arange(len(last)), last])
-                    checked_logits = agreeing("patching resume", fast, expected, view)
-                    if checked_logits is None:
-                        resume = None
+                with torch.no_grad():
+                    if resume is None:
+                        logits = plain()
+                    elif li == 0 and ci == 0:  # the first forward checks the fast path against the plain one
+                        logits = plain()
+                        last = mm.last.repeat(copies)
+                        expected = logits[torch.arange(len(last)), last]
+                        view = (lambda fast_logits: fast_logits[:, 0]) if at_last else (lambda fast_logits: fast_logits[torch.arange(len(last)), last])
+                        checked_logits = agreeing("patching resume", fast, expected, view)
+                        if checked_logits is None:
+                            resume = None
+                        else:
+                            logits = checked_logits
                     else:
-                        logits = checked_logits
-                else:
-                    logits = fast()
-            scorer = measure_last if resume is not None else measure
-            # a metric may return [rows] or one number: either way one value per patch
-            per_copy = torch.stack([torch.as_tensor(scorer(logits[k * rows : (k + 1) * rows])).float().mean() for k in range(copies)])
-            start = ci * patches_per_forward
-            raw[li, start : start + copies] = per_copy.cpu()
-            bar.update(1)
-    bar.close()
-    return plan.result(raw, clean_value, corrupted_value, hook, metric)
+                        logits = fast()
+                scorer = measure_last if resume is not None else measure
+                # a metric may return [rows] or one number: either way one value per patch
+                per_copy = torch.stack([torch.as_tensor(scorer(logits[k * rows : (k + 1) * rows])).float().mean() for k in range(copies)])
+                start = ci * patches_per_forward
+                raw[li, start : start + copies] = per_copy.cpu()
+                bar.update(1)
+        bar.close()
+        return plan.result(raw, clean_value, corrupted_value, hook, metric)
 
 
 def attribution_patch(
