@@ -211,8 +211,13 @@ class _ResumableRun:
                 handle.remove()
 
     def _stack(self, value: Any, copies: int) -> Any:
-        """Copies along the batch axis; tensors broadcast over the batch (leading 1) stay."""
+        """Copies along the batch axis; tensors broadcast over the batch (leading 1) stay, and
+        so does a one-row run's ``[1, 1, T, T]`` mask (copying it costs more than the
+        attention it masks at image lengths, and a plain causal one then stays SDPA's
+        ``is_causal``)."""
         if isinstance(value, Tensor):
+            if value.dim() == 4 and value.shape[0] == 1:
+                return value
             return torch.cat([value] * copies) if value.shape[0] == self.rows else value
         if isinstance(value, tuple):
             return tuple(self._stack(v, copies) for v in value)
