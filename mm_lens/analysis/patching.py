@@ -397,12 +397,12 @@ def patch_sweep(
 
                 def patch(act: Tensor, hook: Any, chunk=chunk) -> Tensor:
                     act = act.clone()
-                    for k, unit in enumerate(chunk):
+                    for k, unit in enumerate(chunk[: act.shape[0] // rows]):  # a check runs the first copies only
                         act[k * rows : (k + 1) * rows, unit.positions] = source_act[:, unit.positions]
                     return act
 
-                def plain(patch=patch) -> Tensor:
-                    return model.run_with_hooks(fwd_hooks=[(name, patch)], **_tile(runs[target].inputs, copies))
+                def plain(patch=patch, n=copies) -> Tensor:
+                    return model.run_with_hooks(fwd_hooks=[(name, patch)], **_tile(runs[target].inputs, n))
 
                 def fast(patch=patch, layer=layers[li]) -> Tensor:
                     with model.hooks(fwd_hooks=[(name, patch)]):
@@ -412,13 +412,16 @@ def patch_sweep(
                     if resume is None:
                         logits = plain()
                     elif li == 0 and ci == 0:  # the first forward checks the fast path against the plain one
-                        logits = plain()
-                        last = mm.last.repeat(copies)
-                        expected = logits[torch.arange(len(last)), last]
-                        view = (lambda fast_logits: fast_logits[:, 0]) if at_last else (lambda fast_logits: fast_logits[torch.arange(len(last)), last])
+                        # on its first two copies (stacking included): full forwards of the whole chunk
+                        # would cost as much as the naive sweep's first patches at image lengths
+                        n = min(2, copies)
+                        last = mm.last.repeat(n)
+                        expected = plain(n=n)[torch.arange(len(last)), last]
+                        view = (lambda fast_logits: fast_logits[: len(last), 0]) if at_last else (lambda fast_logits: fast_logits[torch.arange(len(last)), last])
                         checked_logits = agreeing("patching resume", fast, expected, view)
                         if checked_logits is None:
                             resume = None
+                            logits = plain()
                         else:
                             logits = checked_logits
                     else:
