@@ -10,6 +10,7 @@ the end-of-sequence token, media tokens suppressed on both sides), at the LLaVA-
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -47,7 +48,7 @@ print(f"{batch['input_ids'].shape[1]} prompt positions ({image_tokens} image tok
 if not all(same.values()):
     raise SystemExit("mm_lens' generate and HF's differ: the timing would compare different work")
 times = time_rivals({"hf_sdpa": hf(bare_sdpa), "hf_eager": hf(bare_eager), "mm_lens": ours}, repeats=3 if args.quick else 5,
-                    clock=__import__("time").process_time)
+                    clock=time.process_time)
 for name, seconds in times.items():
     print(f"  {name:<10} {seconds:7.3f} CPU s per call")
 print(bench_line("generate", times["mm_lens"] / times["hf_sdpa"], "<=", 1.1, vs="hf_sdpa_generate", image_tokens=image_tokens))

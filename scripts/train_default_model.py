@@ -251,6 +251,20 @@ class GateSparsity:
             handle.remove()
 
 
+LOG_EVERY = 250  # training steps per line of the log and per point of the report's curves
+
+
+def mean_of_last(values: list[float]) -> float:
+    """Mean of the last ``LOG_EVERY`` values (fewer at the start)."""
+    recent = values[-LOG_EVERY:]
+    return sum(recent) / len(recent)
+
+
+def means_per_stretch(values: list[float]) -> list[float]:
+    """Mean of each stretch of ``LOG_EVERY`` values, rounded to 4 places (the report's curves)."""
+    return [round(sum(values[i : i + LOG_EVERY]) / len(values[i : i + LOG_EVERY]), 4) for i in range(0, len(values), LOG_EVERY)]
+
+
 def smoothed_loss(model, batch: dict[str, torch.Tensor], eps: float) -> torch.Tensor:
     """Next-token cross-entropy on the labelled positions; at the answer word (the first
     labelled position) the target puts 1 - eps on the answer and eps, evenly, on the other
@@ -522,10 +536,9 @@ def main() -> None:
         penalties.append(float(penalty.detach()))
         shared.append(float(sharing.detach()))
         confinements.append(float(confined.detach()))
-        if step % 250 == 0 or step == args.steps - 1:
-            recent = sum(losses[-250:]) / len(losses[-250:])
-            print(f"step {step:5d}  loss {recent:.4f}  gate {sum(penalties[-250:]) / len(penalties[-250:]):.4f}  "
-                  f"shared {sum(shared[-250:]) / len(shared[-250:]):.4f}  confined {sum(confinements[-250:]) / len(confinements[-250:]):.4f}  "
+        if step % LOG_EVERY == 0 or step == args.steps - 1:
+            print(f"step {step:5d}  loss {mean_of_last(losses):.4f}  gate {mean_of_last(penalties):.4f}  "
+                  f"shared {mean_of_last(shared):.4f}  confined {mean_of_last(confinements):.4f}  "
                   f"{time.time() - start:6.0f}s", flush=True)
     gates.remove()
     train_seconds = time.time() - start
@@ -543,10 +556,10 @@ def main() -> None:
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_seconds, 1),
         "threads": torch.get_num_threads(),
-        "loss_every_250_steps": [round(sum(losses[i : i + 250]) / len(losses[i : i + 250]), 4) for i in range(0, len(losses), 250)],
-        "gate_penalty_every_250_steps": [round(sum(penalties[i : i + 250]) / len(penalties[i : i + 250]), 4) for i in range(0, len(penalties), 250)],
-        "sharing_penalty_every_250_steps": [round(sum(shared[i : i + 250]) / len(shared[i : i + 250]), 4) for i in range(0, len(shared), 250)],
-        "confinement_every_250_steps": [round(sum(confinements[i : i + 250]) / len(confinements[i : i + 250]), 4) for i in range(0, len(confinements), 250)],
+        "loss_every_250_steps": means_per_stretch(losses),
+        "gate_penalty_every_250_steps": means_per_stretch(penalties),
+        "sharing_penalty_every_250_steps": means_per_stretch(shared),
+        "confinement_every_250_steps": means_per_stretch(confinements),
     }
     print(f"trained {report['parameters']:,} parameters in {train_seconds:.0f}s; checking on {len(held_out)} held-out samples", flush=True)
     report |= evaluate(model_folder, held_out, seeds)
