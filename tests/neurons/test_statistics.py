@@ -186,3 +186,23 @@ def test_empty_groups_have_nan_means_and_no_mean_to_ablate_with(model, samples):
     assert not torch.isnan(lm.mean()[:, seen, stats.classes.index("all")]).any()
     with pytest.raises(ValueError, match=r"lm_mlp saw no 'all' position in domain\(s\) \['unseen'\]"):
         stats.neuron_means("all", domains=["unseen"])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 128])
+def test_span_reductions_equal_plain_reductions_across_chunk_boundaries(chunk):
+    from mm_lens.neurons.statistics import _span_reductions
+
+    rows = torch.randn(50, 7) * 3 + 1
+    rows[20, 2] = torch.nan  # stays in its own span
+    spans = [(0, 13, [(0, 0)]), (13, 31, [(1, 0), (1, 2)]), (31, 50, [(0, 1)])]
+    reduced = list(_span_reductions(rows, spans, chunk=chunk))
+    assert [r[:3] for r in reduced] == spans
+    for start, end, _, (fired, total, squares, high, low) in reduced:
+        values = rows[start:end].double()
+        assert fired.dtype == torch.int64 and torch.equal(fired, (values > 0).sum(0))
+        assert torch.allclose(total, values.sum(0), rtol=1e-12, atol=1e-12, equal_nan=True)
+        assert torch.allclose(squares, (values**2).sum(0), rtol=1e-12, atol=1e-12, equal_nan=True)
+        assert torch.equal(high.isnan(), values.amax(0).isnan()) and torch.equal(high.nan_to_num(), values.amax(0).nan_to_num())
+        assert torch.equal(low.nan_to_num(), values.amin(0).nan_to_num())
+    nan_spans = [bool(r[3][1].isnan().any()) for r in reduced]
+    assert nan_spans == [False, True, False]
