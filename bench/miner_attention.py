@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from common import batches, bench_line, build_model, low_mmap_threshold, peak_extra_mb, samples, time_rivals
+from common import batches, bench_line, build_model, low_mmap_threshold, one_shape_per_process, peak_extra_mb, samples, time_rivals
 from mm_lens.neurons.modality_neurons import MinerScoreCollector
 
 parser = argparse.ArgumentParser()
@@ -30,7 +30,7 @@ def fast_forward(model, batch):
 low_mmap_threshold()
 # shape -> (batch size, picture size)
 SETUPS = {"quick": (4, (64, 96)), "full": (4, (64, 96)), "next": (1, (672, 672))}
-for shape in ["quick"] if args.quick else ["full", "next"]:
+for shape in one_shape_per_process(["quick"] if args.quick else ["full", "next"]):
     model, bare = build_model(args.quick, attention="sdpa", shape=shape)
     size, picture = SETUPS[shape]
     (batch,) = batches(model, samples(size, size=picture), batch_size=size)
@@ -39,21 +39,23 @@ for shape in ["quick"] if args.quick else ["full", "next"]:
     published = MinerScoreCollector(model, ("text", "image"), published_attention=True)
     fast, eager, public = "MINER scores, causal (default route)", "MINER scores, causal (pattern route)", "MINER scores, published attention"
     with torch.no_grad():
+        for run in (lambda: bare(**batch.inputs), lambda: collector.update(batch, "bench"), lambda: pattern.update(batch, "bench")):
+            run()  # warm-up; the collector's first call is its self-check (both routes)
+        memory = {  # before the timings: they leave the heap in another shape
+            "bare": peak_extra_mb(lambda: bare(**batch.inputs)),
+            "miner": peak_extra_mb(lambda: collector.update(batch, "bench")),
+            "pattern": peak_extra_mb(lambda: pattern.update(batch, "bench")),
+        }
         times = time_rivals(
             {
                 "bare HF forward (SDPA)": lambda: bare(**batch.inputs),
                 "bridge forward (SDPA path)": lambda: fast_forward(model, batch),
-                fast: lambda: collector.update(batch, "bench"),  # the warm-up call is the self-check (both routes)
+                fast: lambda: collector.update(batch, "bench"),
                 eager: lambda: pattern.update(batch, "bench"),
                 public: lambda: published.update(batch, "bench"),
             },
             repeats=3 if args.quick or shape == "next" else 5,
         )
-        memory = {
-            "bare": peak_extra_mb(lambda: bare(**batch.inputs)),
-            "miner": peak_extra_mb(lambda: collector.update(batch, "bench")),
-            "pattern": peak_extra_mb(lambda: pattern.update(batch, "bench")),
-        }
     assert collector.route == "fast", "the fast route fell back to the pattern route: see the FastPathWarning above"
     base = times["bare HF forward (SDPA)"]
     print(f"[{shape}] batch {tuple(batch['input_ids'].shape)}, {model.cfg.n_layers} layers x {model.cfg.d_mlp} neurons")
