@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import Cache
+from transformers import Cache, DynamicCache
 
 from mm_lens.base.display import new_figure
 from mm_lens.base.fast_path import agreeing
@@ -182,24 +182,53 @@ def block_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k not in _CACHE_KEYWORDS and not isinstance(v, Cache)}
 
 
+class _PrefixCache(DynamicCache):
+    """The KV cache of one resumed step: each LM layer's keys and values of the first
+    positions of a recorded run (``[rows, kv_head, start, head_dim]``), for ``copies``
+    stacked copies of the rows. ``update`` joins them with the new positions' and stores
+    nothing (the step is never continued)."""
+
+    def __init__(self, prefix: list[tuple[Tensor, Tensor]], copies: int):
+        super().__init__()
+        self.prefix, self.copies = prefix, copies
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        keys, values = self.prefix[layer_idx]
+        return (
+            torch.cat([keys.repeat(self.copies, 1, 1, 1), key_states], dim=-2),
+            torch.cat([values.repeat(self.copies, 1, 1, 1), value_states], dim=-2),
+        )
+
+
 class _ResumableRun:
     """One run of a batch that can be resumed at any LM layer: the residual entering each
     block and the keyword inputs each block receives (mask, rotary embeddings, positions;
     they may differ between layers, e.g. Gemma 3's sliding-window and global layers) are
     recorded once; ``logits_from(layer, copies)`` reruns blocks ``layer..`` on ``copies``
-    stacked copies, then the final norm and unembedding, with the model's hooks active."""
+    stacked copies, then the final norm and unembedding, with the model's hooks active.
+
+    ``logits_from(..., start=p)`` reruns positions ``p..`` only: a change at positions
+    ``>= p`` leaves the earlier ones as they were (causal attention), so their keys and
+    values come from the recorded run's KV cache. Available (``suffix``) when the run kept a
+    full-length cache for every layer and the block inputs are ones whose positions this
+    class knows how to cut (mask, rotary embeddings, position ids); otherwise ``start`` is
+    ignored (``suffix_start`` says 0)."""
 
     def __init__(self, model: HookedMLLM, batch: MultimodalBatch):
         self.bridge = model.bridge
         blocks = self.bridge.blocks
-        self.rows = batch["input_ids"].shape[0]
+        self.rows, self.length = batch["input_ids"].shape
+        self.last = batch.modality_map.last
         self.inputs: list[Tensor] = [None] * len(blocks)  # type: ignore[list-item]
         self.kwargs: list[dict[str, Any]] = [{} for _ in blocks]
+        caches: list[tuple[str, Cache]] = []
 
         def record(layer: int):
             def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
                 self.inputs[layer] = args[0].detach()
                 self.kwargs[layer] = block_kwargs(kwargs)
+                if layer == 0:
+                    caches.extend((k, v) for k, v in kwargs.items() if isinstance(v, Cache))
             return pre_hook
 
         handles = [block.register_forward_pre_hook(record(l), with_kwargs=True) for l, block in enumerate(blocks)]
@@ -209,6 +238,20 @@ class _ResumableRun:
         finally:
             for handle in handles:
                 handle.remove()
+        self.prefix: list[tuple[Tensor, Tensor]] | None = None
+        self.cache_keyword = caches[0][0] if caches else None
+        layers = getattr(caches[0][1], "layers", []) if caches else []
+        full = len(layers) == len(blocks) and all(
+            getattr(l, "keys", None) is not None and l.keys.dim() == 4 and l.keys.shape[-2] == self.length for l in layers
+        )
+        if full and all(_suffix_kwargs(k, 1, self.length) is not None for k in self.kwargs):
+            self.prefix = [(l.keys, l.values) for l in layers]
+
+    def suffix_start(self, positions: Sequence[Tensor]) -> int:
+        """The first position a patch at ``positions`` can change (0 without a suffix path)."""
+        if self.prefix is None or not positions:
+            return 0
+        return max(0, min(min(int(p.min()) for p in positions if p.numel()), int(self.last.min())))
 
     def _stack(self, value: Any, copies: int) -> Any:
         """Copies along the batch axis; tensors broadcast over the batch (leading 1) stay, and
@@ -223,20 +266,72 @@ class _ResumableRun:
             return tuple(self._stack(v, copies) for v in value)
         return value
 
-    def logits_from(self, layer: int, copies: int, at: Tensor | None = None) -> Float[Tensor, "batch pos vocab"]:
+    def logits_from(self, layer: int, copies: int, at: Tensor | None = None, start: int = 0) -> Float[Tensor, "batch pos vocab"]:
         """Logits of the copies, at every position or, with ``at`` ([rows] positions), only
-        there (``[batch, 1, vocab]``: the unembedding is most of a resumed run's cost)."""
-        hidden = self._stack(self.inputs[layer], copies)
+        there (``[batch, 1, vocab]``: the unembedding is most of a resumed run's cost).
+        ``start``: rerun positions ``start..`` only (see the class); the hooks then see
+        activations of those positions."""
+        start = start if self.prefix is not None else 0
+        hidden = self._stack(self.inputs[layer][:, start:], copies)
         stacked: dict[int, Any] = {}  # layers mostly share their inputs' objects: stack each once
+        cut: dict[int, dict[str, Any]] = {}
+        cache = {}
+        if start:
+            cache = {self.cache_keyword: _PrefixCache([(k[..., :start, :], v[..., :start, :]) for k, v in self.prefix], copies)}
         for block, kwargs in zip(self.bridge.blocks[layer:], self.kwargs[layer:]):
+            if start:
+                if id(kwargs) not in cut:
+                    cut[id(kwargs)] = _suffix_kwargs(kwargs, start, self.length)
+                    if "attention_mask" not in cut[id(kwargs)]:
+                        cut[id(kwargs)]["attention_mask"] = _causal_suffix_mask(start, self.length, hidden)
+                kwargs = cut[id(kwargs)]
             for value in kwargs.values():
                 if id(value) not in stacked:
                     stacked[id(value)] = self._stack(value, copies)
-            out = block(hidden, **{k: stacked[id(v)] for k, v in kwargs.items()})
+            out = block(hidden, **{k: stacked[id(v)] for k, v in kwargs.items()}, **cache)
             hidden = out[0] if isinstance(out, tuple) else out
         if at is not None:
-            hidden = hidden[torch.arange(hidden.shape[0]), at.repeat(copies)][:, None]
-        return self.bridge.unembed(self.bridge.ln_final(hidden))
+            hidden = hidden[torch.arange(hidden.shape[0]), (at - start).repeat(copies)][:, None]
+            return self.bridge.unembed(self.bridge.ln_final(hidden))
+        logits = self.bridge.unembed(self.bridge.ln_final(hidden))
+        if not start:
+            return logits
+        return torch.cat([self._stack(self.logits[:, :start], copies), logits], dim=1)  # earlier positions: unchanged
+
+
+def _causal_suffix_mask(start: int, length: int, like: Tensor) -> Float[Tensor, "1 1 query key"]:
+    """Additive causal mask of queries ``start..length-1`` over keys ``0..length-1``."""
+    later = torch.arange(length, device=like.device) > torch.arange(start, length, device=like.device)[:, None]
+    return torch.zeros(later.shape, dtype=like.dtype, device=like.device).masked_fill_(later, torch.finfo(like.dtype).min)[None, None]
+
+
+def _suffix_kwargs(kwargs: dict[str, Any], start: int, length: int) -> dict[str, Any] | None:
+    """A block's keyword inputs for positions ``start..`` of a ``length``-long run whose
+    earlier positions come from a KV cache; ``None`` when an input is not one this knows
+    how to cut. The mask keeps its key axis whole; a missing one (plain causal attention) is
+    left out, for the caller to give an explicit one (SDPA's ``is_causal`` would align the
+    shorter query axis with the first keys)."""
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "attention_mask":
+            if value is None:
+                continue
+            if not (isinstance(value, Tensor) and value.dim() == 4 and tuple(value.shape[-2:]) == (length, length)):
+                return None
+            out[key] = value[..., start:, :]
+        elif key == "position_embeddings":
+            if not (isinstance(value, tuple) and all(isinstance(t, Tensor) and t.dim() >= 2 and t.shape[-2] == length for t in value)):
+                return None
+            out[key] = tuple(t[..., start:, :] for t in value)
+        elif key == "position_ids":
+            if value is not None and not (isinstance(value, Tensor) and value.shape[-1] == length):
+                return None
+            out[key] = None if value is None else value[..., start:]
+        elif isinstance(value, (Tensor, tuple, list, dict)):
+            return None
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass
@@ -334,6 +429,29 @@ def _metric_fn(name: str | Callable, clean_logits: Tensor, corrupted_logits: Ten
     raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)} or pass a callable")
 
 
+def _chunks(
+    units: Sequence[Unit], size: int, rows_from: Callable[[Sequence[Tensor]], int] | None, length: int
+) -> list[tuple[int, list[Unit]]]:
+    """Consecutive runs of at most ``size`` units, each with the index of its first unit.
+    ``rows_from`` (a resumed run's ``suffix_start``): the stacked copies of a run all rerun
+    from its earliest position, so a run also ends before a unit that starts more than 5% of
+    the rerun length past it (a sweep over every position keeps full runs; one over every
+    128th image token of 2,928 reruns each patch from its own position)."""
+    chunks: list[tuple[int, list[Unit]]] = []
+    for index, unit in enumerate(units):
+        if chunks and len(chunks[-1][1]) < size:
+            run = chunks[-1][1]
+            if rows_from is None:
+                run.append(unit)
+                continue
+            start = rows_from([u.positions for u in run])
+            if rows_from([unit.positions]) - start <= 0.05 * (length - start):
+                run.append(unit)
+                continue
+        chunks.append((index, [unit]))
+    return chunks
+
+
 def patch_sweep(
     model: HookedMLLM,
     clean: MultimodalBatch,
@@ -365,8 +483,13 @@ def patch_sweep(
     KL from the clean distribution), or a callable ``logits -> [batch]``; averaged over rows.
 
     ``fast`` (default): each patched forward starts at the patched layer from the target
-    run's cached residual instead of recomputing the vision tower and the layers below;
-    ``fast=False`` runs every patch as a full forward, as TransformerLens does (same results).
+    run's cached residual instead of recomputing the vision tower and the layers below, and
+    at the patch's first position: earlier positions cannot change (causal attention), so
+    their keys and values come from the target run's KV cache (where the model keeps a
+    full-length one; Gemma 3's sliding-window layers do not). Patches that start close
+    together share a forward (``patches_per_forward`` at most). The first forward checks
+    itself against full forwards. ``fast=False`` runs every patch as a full forward, as
+    TransformerLens does (same results).
     Attention runs through SDPA unless a hook needs its pattern (``HookedMLLM.fast_attention``).
     """
     # attention through SDPA wherever no hook needs its pattern: at image lengths the eager
@@ -388,25 +511,28 @@ def patch_sweep(
         rows = mm.shape[0]
         resume = _ResumableRun(model, runs[target]) if fast else None
         raw = torch.zeros(len(layers), len(units))
-        chunks = [units[i : i + patches_per_forward] for i in range(0, len(units), patches_per_forward)]
+        chunks = _chunks(units, patches_per_forward, rows_from=None if resume is None else resume.suffix_start, length=mm.shape[1])
         bar = tqdm(total=len(layers) * len(chunks), desc=f"patching {hook}", disable=not progress, unit="forward")
         for li, name in enumerate(names):
             source_act = caches[source][name]
-            for ci, chunk in enumerate(chunks):
+            for ci, (first_unit, chunk) in enumerate(chunks):
                 copies = len(chunk)
 
-                def patch(act: Tensor, hook: Any, chunk=chunk) -> Tensor:
+                def patch(act: Tensor, hook: Any, chunk=chunk, offset: int = 0) -> Tensor:
+                    """``offset``: ``act`` holds positions ``offset..`` (a resumed suffix)."""
                     act = act.clone()
                     for k, unit in enumerate(chunk[: act.shape[0] // rows]):  # a check runs the first copies only
-                        act[k * rows : (k + 1) * rows, unit.positions] = source_act[:, unit.positions]
+                        act[k * rows : (k + 1) * rows, unit.positions - offset] = source_act[:, unit.positions]
                     return act
 
                 def plain(patch=patch, n=copies) -> Tensor:
                     return model.run_with_hooks(fwd_hooks=[(name, patch)], **_tile(runs[target].inputs, n))
 
-                def fast(patch=patch, layer=layers[li]) -> Tensor:
-                    with model.hooks(fwd_hooks=[(name, patch)]):
-                        return resume.logits_from(layer, copies, at=mm.last if at_last else None)
+                def fast(patch=patch, layer=layers[li], chunk=chunk) -> Tensor:
+                    # positions before the chunk's first patched one are the target run's: rerun the rest
+                    start = resume.suffix_start([unit.positions for unit in chunk])
+                    with model.hooks(fwd_hooks=[(name, functools.partial(patch, offset=start))]):
+                        return resume.logits_from(layer, copies, at=mm.last if at_last else None, start=start)
 
                 with torch.no_grad():
                     if resume is None:
@@ -429,8 +555,7 @@ def patch_sweep(
                 scorer = measure_last if resume is not None else measure
                 # a metric may return [rows] or one number: either way one value per patch
                 per_copy = torch.stack([torch.as_tensor(scorer(logits[k * rows : (k + 1) * rows])).float().mean() for k in range(copies)])
-                start = ci * patches_per_forward
-                raw[li, start : start + copies] = per_copy.cpu()
+                raw[li, first_unit : first_unit + copies] = per_copy.cpu()
                 bar.update(1)
         bar.close()
         return plan.result(raw, clean_value, corrupted_value, hook, metric)

@@ -190,6 +190,73 @@ def test_resumed_run_reproduces_the_model_logits(model, pairs, arch):
         assert torch.allclose(run.logits_from(layer, 2)[2:], run.logits, atol=1e-5)
 
 
+def test_a_resumed_suffix_reproduces_the_model_logits(model, pairs, arch):
+    """Rerunning positions ``start..`` on the recorded KV cache of the earlier ones gives the
+    model's logits at every position, also for stacked copies and at the last positions."""
+    from mm_lens.analysis.patching import _ResumableRun
+
+    clean, _ = pairs[arch]
+    with model.fast_attention():
+        run = _ResumableRun(model, clean)
+        assert run.prefix is not None, "LLaVA's recorded run keeps a full-length KV cache"
+        last = clean.modality_map.last
+        for layer in range(model.cfg.n_layers):
+            for start in (1, run.length // 2, int(last.min())):
+                assert torch.allclose(run.logits_from(layer, 1, start=start), run.logits, atol=1e-5)
+                assert torch.allclose(run.logits_from(layer, 2, start=start)[2:], run.logits, atol=1e-5)
+                at_last = run.logits_from(layer, 2, at=last, start=start)[:, 0]
+                assert torch.allclose(at_last, run.logits[torch.arange(len(last)), last].repeat(2, 1), atol=1e-5)
+
+
+def test_a_patch_rerun_from_its_position_equals_the_full_forward(model, pairs, arch):
+    """A patch at one position, rerun from that position on, changes the logits exactly as
+    the full patched forward does (and leaves the earlier positions as they were)."""
+    from mm_lens.analysis.patching import _ResumableRun
+
+    clean, corrupted = pairs[arch]
+    layer, position = 1, int(clean.modality_map.mask("image")[0].nonzero()[3])
+    name = f"blocks.{layer}.hook_resid_pre"
+    source = model.run_with_cache(clean, names_filter=[name])[1][name]
+
+    def patch(act, hook, offset=0):
+        act = act.clone()
+        act[:, position - offset] = source[:, position]
+        return act
+
+    with torch.no_grad(), model.fast_attention():
+        full = model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)])
+        run = _ResumableRun(model, corrupted)
+        start = run.suffix_start([torch.tensor([position, position + 2])])
+        assert start == position
+        with model.hooks(fwd_hooks=[(name, lambda act, hook: patch(act, hook, offset=start))]):
+            resumed = run.logits_from(layer, 1, start=start)
+    assert not torch.allclose(full, run.logits, atol=1e-3), "the patch must change the logits for the test to mean anything"
+    assert torch.allclose(resumed, full, atol=1e-5)
+
+
+def test_suffix_inputs_are_cut_or_refused():
+    from mm_lens.analysis.patching import _suffix_kwargs
+
+    mask, cos = torch.zeros(1, 1, 6, 6), torch.randn(1, 6, 4)
+    cut = _suffix_kwargs({"attention_mask": mask, "position_embeddings": (cos, cos), "position_ids": torch.arange(6)[None], "flag": True}, 2, 6)
+    assert cut["attention_mask"].shape == (1, 1, 4, 6) and cut["position_embeddings"][0].shape == (1, 4, 4)
+    assert torch.equal(cut["position_ids"], torch.arange(2, 6)[None]) and cut["flag"] is True
+    assert "attention_mask" not in _suffix_kwargs({"attention_mask": None}, 2, 6)  # the caller adds a causal one
+    assert _suffix_kwargs({"attention_mask": torch.zeros(1, 1, 6, 8)}, 2, 6) is None  # keys beyond the run: unknown
+    assert _suffix_kwargs({"per_position_extra": torch.zeros(1, 6)}, 2, 6) is None  # an input it does not know
+    assert _suffix_kwargs({"position_embeddings": {"global": (cos, cos)}}, 2, 6) is None
+
+
+def test_sweep_runs_group_patches_that_start_close_together():
+    from mm_lens.analysis.patching import Unit, _chunks
+
+    units = [Unit(label=str(p), positions=torch.tensor([p, p + 1])) for p in (10, 11, 12, 60, 61, 95)]
+    first_position = lambda positions: min(int(p.min()) for p in positions)
+    runs = _chunks(units, 4, first_position, length=110)  # 5% of the 100 positions from 10 on: 5
+    assert [(i, [int(u.positions[0]) for u in run]) for i, run in runs] == [(0, [10, 11, 12]), (3, [60, 61]), (5, [95])]
+    assert [len(run) for _, run in _chunks(units, 4, None, length=110)] == [4, 2]  # no suffix path: fixed runs
+
+
 def test_a_metric_returning_one_number_is_measured_per_patch(model, pairs, arch):
     clean, corrupted = pairs[arch]
     last = clean.modality_map.last

@@ -218,6 +218,11 @@ def assert_analyses_run(
     zeros = patch_sweep(model, clean, corrupted, source="corrupted", target="corrupted", positions="text", progress=False)
     assert torch.allclose(ones.effect, torch.ones_like(ones.effect), atol=1e-4)
     assert torch.allclose(zeros.effect, torch.zeros_like(zeros.effect), atol=1e-4)
+    # the fast sweep (each patch resumed at its layer, and from its first position where the
+    # KV cache allows) equals one full forward per patch
+    fast = patch_sweep(model, clean, corrupted, positions=media, metric="kl", patches_per_forward=3, progress=False)
+    plain = patch_sweep(model, clean, corrupted, positions=media, metric="kl", fast=False, progress=False)
+    assert torch.allclose(fast.metric, plain.metric, atol=1e-5), float((fast.metric - plain.metric).abs().max())
 
 
 def assert_generation_equals_hf(model: Any, hf_reference: Any, batch: Any, max_new_tokens: int = 5) -> None:
