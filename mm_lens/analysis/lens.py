@@ -215,7 +215,8 @@ def logit_lens(
     read as direct logits; see the module notes). ``positions``: see ``position_mask``.
     ``targets``: token ids or single-token strings read at every position, or ``[pos,
     target]`` ids per selected position. Readings are computed inside the hooks, layer by
-    layer; no activation is cached.
+    layer; no activation is cached. Attention runs through SDPA (``model.fast_attention``;
+    ``model.use_sdpa = False`` keeps it eager).
     """
     kinds = [hooks] if isinstance(hooks, str) else list(hooks)
     unknown = [h for h in kinds if h not in HOOK_KINDS]
@@ -232,7 +233,7 @@ def logit_lens(
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= W_U.shape[1]:
         raise ValueError(f"k must be an integer in [1, {W_U.shape[1]}] (the vocabulary size), got {k!r}")
 
-    with torch.no_grad():
+    with torch.no_grad(), model.fast_attention():  # no reading needs the attention pattern
         scale = _final_scale(model, batch, mask).to(W_U.device) if any(kind in COMPONENT_KINDS for kind in kinds) else None
         readings: dict[str, dict[int, LensStats]] = {kind: {} for kind in kinds}
 

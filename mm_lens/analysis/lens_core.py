@@ -215,11 +215,11 @@ def _stats_of_rows(
                 above[:, j] += larger.sum(-1, dtype=torch.int32)
             above -= (inside & (exact > estimate)).long()  # the target itself never counts
 
-        m_c = logits.max(-1).values
+        m_c = logits.amax(-1)  # amax: no indices (max's cost ~4x)
         shifted = logits.sub_(m_c[:, None])  # in place: logits are not needed any more
         e = torch.exp(shifted, out=buffers.get("exp", rows, stop - start, shifted.dtype))
         s_c = e.sum(-1).double()
-        t_c = (e[:, None, :] @ shifted[:, :, None]).flatten().double()  # sum e * shifted, no buffer
+        t_c = torch.linalg.vecdot(e, shifted).double()  # sum e * shifted, no buffer (a batched [1, v] @ [v, 1] product costs ~4x)
         m_c = m_c.double()
         if m is None:
             m, s, t = m_c, s_c, t_c
