@@ -37,8 +37,13 @@ QUICK = dict(image_size=112, patch_size=14, width=256, vision_layers=3, text_lay
 # 2 tiles, unpadded, plus one newline per row: ~1,200 tokens; a 672 px square one the 2x2 grid:
 # 576 + 48 x 48 + 48 newlines = 2,928 image tokens).
 LLAVA15 = {**FULL, "image_size": 336}
+# LLaVA-1.5-7B's widths (LM 4096 x 11008, 32 heads; CLIP-L tower 1024 x 4096) on 2 LM and 2
+# tower layers: what a reduction costs next to a forward at a real model's width.
+WIDE = dict(image_size=336, patch_size=14, width=4096, vision_layers=2, text_layers=2,
+            vision_overrides={"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16},
+            text_overrides={"intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000})
 NEXT = {**FULL, "image_size": 336, "anyres": True}
-SHAPES = {"quick": QUICK, "full": FULL, "llava15": LLAVA15, "next": NEXT}
+SHAPES = {"quick": QUICK, "full": FULL, "llava15": LLAVA15, "next": NEXT, "wide7b": WIDE}
 QUESTION = ("describe the picture what is the color of the shape in this image how many are there "
             "left right top bottom which domain is this picture a road a field a page or a scan")
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SCRIPTS = ["stats_overhead.py", "miner_attention.py", "logit_lens_time.py", "logit_lens_memory.py", "patching_sweep.py", "generate.py"]
-LONG = [["patching_sweep.py", "--shape", "next"]]  # full runs only: real image lengths
+# full runs only: real image lengths, and the statistics at LLaVA-7B's widths
+LONG = [["patching_sweep.py", "--shape", "next"], ["stats_overhead.py", "--shapes", "wide7b"]]
 
 quick = "--quick" in sys.argv[1:]
 lines = []
