@@ -249,9 +249,10 @@ class _ResumableRun:
 
     def suffix_start(self, positions: Sequence[Tensor]) -> int:
         """The first position a patch at ``positions`` can change (0 without a suffix path)."""
-        if self.prefix is None or not positions:
+        firsts = [int(p.min()) for p in positions if p.numel()]
+        if self.prefix is None or not firsts:
             return 0
-        return max(0, min(min(int(p.min()) for p in positions if p.numel()), int(self.last.min())))
+        return max(0, min(min(firsts), int(self.last.min())))
 
     def _stack(self, value: Any, copies: int) -> Any:
         """Copies along the batch axis; tensors broadcast over the batch (leading 1) stay, and

@@ -28,7 +28,7 @@ from transformer_lens.model_bridge.sources.transformers import helpers as tl_loa
 from transformers import AutoConfig, AutoProcessor, Cache
 
 from mm_lens.model.architectures import ArchitectureSpec, spec_for
-from mm_lens.model.architectures.bridge_components import attend_through_sdpa, read_cache_keyword, sdpa_attention
+from mm_lens.model.architectures.bridge_components import attend_through_sdpa, read_cache_keyword, sdpa_attention, skip_unwatched_norm_hooks
 from mm_lens.model.generation import Generation, StepRecorder, ended_rows, sequence_batch
 from mm_lens.model.inputs import ImagesPerPrompt, MediaPerPrompt, MultimodalBatch, encode
 from mm_lens.base.modality import MODALITIES, ModalityMap, build_modality_map
@@ -158,6 +158,7 @@ class HookedMLLM(torch.nn.Module):
         bridge.processor = processor
         read_cache_keyword(bridge)
         attend_through_sdpa(bridge, enabled=False)  # eager by default; bulk jobs turn SDPA on (fast_attention)
+        skip_unwatched_norm_hooks(bridge)
         if compatibility_mode:
             bridge.enable_compatibility_mode(disable_warnings=True)
         return cls(bridge, processor, spec)

@@ -302,9 +302,9 @@ def _span_reductions(rows: Float[Tensor, "row neuron"], spans: Sequence[Span], c
     Sums are float64, taken as products with a vector of ones (BLAS, several times faster
     than column reductions), ``chunk`` rows at a time so that the float64 and 0/1 copies stay
     small and in cache (default: 2 MiB of float64, 16 to 256 rows; at LLaVA-7B's 11,008
-    neurons larger chunks raised the statistics' peak memory by 11%); the count is the same product on a float32 0/1 copy (exact below
-    2^24 rows); max and min are column reductions in the activations' dtype. A NaN or inf
-    stays in its own span.
+    neurons 128-row chunks raised the statistics' peak memory by 11%); the count is the same
+    product on a float32 0/1 copy (exact below 2^24 rows); max and min are column reductions
+    in the activations' dtype. A NaN or inf stays in its own span.
     """
     if rows.shape[0] >= 1 << 24:
         raise ValueError(f"{rows.shape[0]} rows in one hook call: counts would lose precision in float32; use smaller batches")

@@ -118,3 +118,23 @@ def test_transformer_lens_act_names_and_the_language_model_filter_cache_the_lm_o
     assert lm_only.keys() and all(name.startswith("blocks.") for name in lm_only.keys())
     _, naive = model.run_with_cache(batch, names_filter=lambda name: name.endswith("mlp.hook_post"))
     assert any(name.startswith("vision_encoder.") for name in naive.keys())  # what the helper guards against
+
+
+def test_norm_hook_values_are_computed_only_when_hooked_and_edits_still_propagate(model, images):
+    """Norm bridges skip TransformerLens' hook_scale / hook_normalized computation when no
+    hook watches them: same logits to the bit; watched, the values fire; edited, they count."""
+    from mm_lens.model.architectures.bridge_components import _UnwatchedNormSkipsItsHookValues
+
+    norms = [m for m in model.bridge.modules() if isinstance(m, _UnwatchedNormSkipsItsHookValues)]
+    assert len(norms) >= 2 * model.cfg.n_layers + 1  # every LM block's two norms and the final one, at least
+    batch = model.prepare_inputs(["what is the color"], [images[0]])
+    with torch.no_grad():
+        plain = model(batch)
+        names = [n for n in model.bridge.hook_dict if n.endswith(("hook_scale", "hook_normalized"))]
+        watched, cache = model.run_with_cache(batch, names_filter=names + ["ln_final.hook_in"])
+        halved = model.run_with_hooks(batch, fwd_hooks=[("ln_final.hook_normalized", lambda act, hook: act * 0.5)])
+    assert torch.equal(plain, watched)
+    assert set(cache.keys()) == {*names, "ln_final.hook_in"} and len(names) >= 2 * len(norms)
+    restored = cache["ln_final.hook_normalized"] * cache["ln_final.hook_scale"]  # RMS norm: x / scale
+    assert torch.allclose(restored, cache["ln_final.hook_in"], atol=1e-5)
+    assert not torch.allclose(halved, plain, atol=1e-3), "an edit of hook_normalized must still reach the logits"
