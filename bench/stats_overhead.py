@@ -1,16 +1,17 @@
 """Cost of streaming neuron statistics on all neuron modules vs what a user would run
 instead: the bare HF forward with SDPA attention (HF's default), at real image lengths.
 
-Per shape (``--quick``: the small model; else LLaVA-1.5, 336 px = 576 image tokens, batch 2,
-and LLaVA-NeXT anyres, a square picture on the 2x2 grid = 2,928 image tokens, batch 1), rivals
-on the same batch, interleaved in one process: bare HF forward (SDPA), bare HF forward
-(eager), the bridge's forward, mm_lens statistics (LM MLP, vision MLP, projector; 5 domains x
-4 position classes; attention through SDPA, no hook needs the pattern) and the same
-statistics on TransformerLens' eager attention; CPU seconds on one thread (``--wall``: wall
-time on all threads). Then the peak memory of one statistics run
-above the bare SDPA forward's, and (first shape) the peak memory over 1x and 10x the samples.
+Per shape, each in its own process (``--quick``: the small model; else LLaVA-1.5, 336 px =
+576 image tokens, batch 2, and LLaVA-NeXT anyres, a square picture on the 2x2 grid = 2,928
+image tokens, batch 1; ``--shapes wide7b``: LLaVA-1.5-7B's widths on 2 + 2 layers): first the
+peak memory of one statistics run against the bare SDPA forward's, then the rivals on the
+same batch, interleaved: bare HF forward (SDPA), bare HF forward (eager), the bridge's
+forward, mm_lens statistics (LM MLP, vision MLP, projector; 5 domains x 4 position classes;
+attention through SDPA, no hook needs the pattern) and the same statistics on
+TransformerLens' eager attention; CPU seconds on one thread (``--wall``: wall time on all
+threads). Then (small shapes) the peak memory over 1x and 10x the samples.
 
-    python bench/stats_overhead.py [--quick]
+    python bench/stats_overhead.py [--quick | --shapes llava15 next wide7b]
 """
 
 from __future__ import annotations
