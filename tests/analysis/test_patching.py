@@ -208,6 +208,25 @@ def test_a_resumed_suffix_reproduces_the_model_logits(model, pairs, arch):
                 assert torch.allclose(at_last, run.logits[torch.arange(len(last)), last].repeat(2, 1), atol=1e-5)
 
 
+def test_a_resumed_suffix_of_a_padded_batch_reproduces_the_model_logits(model, images):
+    """Rows of different lengths (padding, a recorded 4-D mask): the suffix keeps every
+    row's own mask rows and positions."""
+    from mm_lens.analysis.patching import _ResumableRun
+
+    batch = model.prepare_inputs(["what is the color", "how many cars are there on the road today"], [images[0], images[0]])
+    real = batch["attention_mask"].bool()
+    assert not bool(real.all()), "the rows must differ in length for this test"
+    with model.fast_attention():
+        run = _ResumableRun(model, batch)
+        assert run.prefix is not None
+        for start in (run.length // 3, int(batch.modality_map.last.min())):
+            for layer in (0, model.cfg.n_layers - 1):
+                resumed = run.logits_from(layer, 2, start=start)
+                for copy in range(2):
+                    rows = resumed[copy * 2 : copy * 2 + 2]
+                    assert torch.allclose(rows[real], run.logits[real], atol=1e-5), (start, layer, copy)
+
+
 def test_a_patch_rerun_from_its_position_equals_the_full_forward(model, pairs, arch):
     """A patch at one position, rerun from that position on, changes the logits exactly as
     the full patched forward does (and leaves the earlier positions as they were)."""
