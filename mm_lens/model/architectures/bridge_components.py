@@ -262,9 +262,6 @@ def _filled(cache: Any) -> bool:
     return True if length is None else bool(length())
 
 
-_SDPA_CLASSES: dict[type, type] = {}
-
-
 @contextlib.contextmanager
 def sdpa_attention(bridge: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
     """Within: every attention bridge of ``bridge`` (installed by ``attend_through_sdpa``)
@@ -284,18 +281,26 @@ def attend_through_sdpa(bridge: torch.nn.Module, enabled: bool = True) -> int:
     """Let every attention bridge of ``bridge`` run through SDPA when no hook needs its
     pattern (``enabled=False``: the eager TransformerLens path until ``sdpa_attention``
     turns it on). Returns how many attention modules there are."""
-    count = 0
-    for module in bridge.modules():
-        cls = type(module)
-        if not isinstance(module, AttentionBridge):
-            continue
-        if not issubclass(cls, _SdpaAttention):
-            if cls not in _SDPA_CLASSES:
-                _SDPA_CLASSES[cls] = type(cls.__name__, (_SdpaAttention, cls), {"__module__": cls.__module__})
-            module.__class__ = _SDPA_CLASSES[cls]
+    modules = _mix_into(bridge, AttentionBridge, _SdpaAttention)
+    for module in modules:
         module.sdpa = enabled
-        count += 1
-    return count
+    return len(modules)
+
+
+_MIXED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _mix_into(bridge: torch.nn.Module, base: type, mixin: type) -> list[torch.nn.Module]:
+    """Every ``base`` module of ``bridge``, its class swapped (once) for a subclass that puts
+    ``mixin`` first, one such class per original class; returns the modules."""
+    modules = [m for m in bridge.modules() if isinstance(m, base)]
+    for module in modules:
+        cls = type(module)
+        if not issubclass(cls, mixin):
+            if (mixin, cls) not in _MIXED_CLASSES:
+                _MIXED_CLASSES[mixin, cls] = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__})
+            module.__class__ = _MIXED_CLASSES[mixin, cls]
+    return modules
 
 
 class _UnwatchedNormSkipsItsHookValues:
@@ -316,20 +321,7 @@ class _UnwatchedNormSkipsItsHookValues:
         return result if result.dtype == x.dtype else result.to(x.dtype)
 
 
-_NORM_CLASSES: dict[type, type] = {}
-
-
 def skip_unwatched_norm_hooks(bridge: torch.nn.Module) -> int:
     """Give every normalisation bridge of ``bridge`` the shortcut of
     ``_UnwatchedNormSkipsItsHookValues``; returns how many there are."""
-    count = 0
-    for module in bridge.modules():
-        cls = type(module)
-        if not isinstance(module, NormalizationBridge):
-            continue
-        if not issubclass(cls, _UnwatchedNormSkipsItsHookValues):
-            if cls not in _NORM_CLASSES:
-                _NORM_CLASSES[cls] = type(cls.__name__, (_UnwatchedNormSkipsItsHookValues, cls), {"__module__": cls.__module__})
-            module.__class__ = _NORM_CLASSES[cls]
-        count += 1
-    return count
+    return len(_mix_into(bridge, NormalizationBridge, _UnwatchedNormSkipsItsHookValues))
